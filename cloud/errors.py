@@ -1,0 +1,36 @@
+"""Domain errors of the cloud server. The error-mapping interceptor turns them into gRPC statuses;
+nothing else in the server picks status codes."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class: a request the server refuses on purpose, with a message meant for the client."""
+
+
+class InvalidInput(ServingError):
+    """The request is malformed or inconsistent (INVALID_ARGUMENT)."""
+
+
+class NotFound(ServingError):
+    """The request names a model or codec the server does not serve (NOT_FOUND)."""
+
+
+class PeerMismatch(ServingError):
+    """The client holds different model or codec weights than the server (FAILED_PRECONDITION)."""
+
+
+class ModelNotReady(ServingError):
+    """The model is still loading or the server is draining (UNAVAILABLE)."""
+
+
+class Overloaded(ServingError):
+    """The queue is full; retry after ``retry_after_ms`` (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class DeadlineExceeded(ServingError):
+    """The client's deadline passed before the work was done (DEADLINE_EXCEEDED)."""

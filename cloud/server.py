@@ -1,0 +1,97 @@
+"""The cloud process: gRPC server (service, health, reflection) + Prometheus endpoint + engine.
+
+Layers: process (cli) -> CloudServer (this) -> servicer (proto <-> domain) -> engine -> model.
+Health says NOT_SERVING until the model is loaded and warm, and again while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from splitwire.cloud.config import ServerConfig
+from splitwire.cloud.engine import InferenceEngine
+from splitwire.cloud.interceptors import ErrorMappingInterceptor
+from splitwire.cloud.servicer import SplitInferenceServicer
+from splitwire.split.transport import SERVICE_NAME, server_options
+from splitwire.v1 import splitwire_pb2 as pb
+from splitwire.v1 import splitwire_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def splitwire_version() -> str:
+    try:
+        return version("splitwire")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "0+unknown"
+
+
+class CloudServer:
+    """Owns the gRPC server, the metrics endpoint and the engine; ``start()`` then ``stop(grace)``."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine = InferenceEngine(config)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_httpd = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> None:
+        """Listen, load the model (health NOT_SERVING meanwhile), then report SERVING."""
+        config = self.config
+        if config.metrics_port is not None:
+            self._metrics_httpd, _ = start_http_server(config.metrics_port, addr=config.host)
+            self.metrics_port = self._metrics_httpd.server_address[1]
+        server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=server_options(config.max_message_bytes),
+        )
+        pb_grpc.add_SplitInferenceServicer_to_server(SplitInferenceServicer(self.engine, splitwire_version()), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["SplitInference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{config.host}:{config.port}"
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d (metrics on %s)", config.host, self.port, self.metrics_port)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.load)
+        self.engine.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s", self.engine.model.name if self.engine.model else "?")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within ``grace`` seconds, release everything."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.engine.drain()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.engine.stop()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)

@@ -1,0 +1,120 @@
+"""The codec interface: hidden states at the split <-> codec body, wrapped in the container.
+
+::
+
+    hidden (T, D) --encode--> body --container.pack--> payload --wire-->
+    payload --container.parse--> header, body --decode--> hidden (T, D)
+
+A codec instance is bound to one model width and knows which split points it is valid for.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from splitwire.codec import container
+from splitwire.codec.errors import BitstreamError
+from splitwire.split.fingerprint import tensors_fingerprint
+
+
+class CodecKind(enum.IntEnum):
+    """Codec families; the value is the id written in the container header and must never change."""
+
+    FP32 = 1
+    FP16 = 2
+    BF16 = 3
+    INT8_ZSTD = 4
+    UNIFORM = 5
+    PCA = 6
+    FACTORIZED = 7
+    HYPERPRIOR = 8
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class Codec(ABC):
+    """Codes the hidden states of one sequence's kept tokens, ``(T, D)`` float32."""
+
+    kind: ClassVar[CodecKind]
+    lossless: ClassVar[bool] = False
+
+    def __init__(self, name: str, width: int, splits: tuple[int, ...] = ()) -> None:
+        self.name = name
+        self.width = width
+        self.splits = splits  # empty: valid at every split point
+        self.expected_bits_per_token: float | None = None
+
+    # -- the two operations every codec implements -------------------------------------------
+
+    @abstractmethod
+    def encode(self, hidden: torch.Tensor) -> bytes:
+        """``(T, D)`` float32 -> codec body."""
+
+    @abstractmethod
+    def decode(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+        """Codec body of ``tokens`` kept tokens -> ``(tokens, D)`` float32.
+
+        Raises :class:`BitstreamError` when the body is malformed; never allocates more than the
+        declared shape.
+        """
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def config(self) -> dict[str, object]:
+        """What, beside parameters, changes the bits; part of the fingerprint."""
+        return {"kind": self.kind.label, "width": self.width}
+
+    def parameters_for_fingerprint(self) -> list[tuple[str, torch.Tensor]]:
+        return []
+
+    def fingerprint(self) -> str:
+        return tensors_fingerprint(self.config(), self.parameters_for_fingerprint())
+
+    def valid_at(self, split: int) -> bool:
+        return not self.splits or split in self.splits
+
+    # -- rate accounting --------------------------------------------------------------------
+
+    def estimate_bits(self, hidden: torch.Tensor) -> float:
+        """Ideal code length of ``hidden`` under the codec's model (-log2 likelihood); real bits by default."""
+        return 8.0 * len(self.encode(hidden))
+
+    # -- container ----------------------------------------------------------------------------
+
+    def encode_payload(self, hidden: torch.Tensor, token_mask: np.ndarray | None = None) -> bytes:
+        """Hidden states of kept tokens ``(T_kept, D)`` -> payload with header.
+
+        ``token_mask`` ``(T,)`` bool marks which input tokens were kept; None when all were.
+        """
+        if hidden.ndim != 2 or hidden.shape[1] != self.width:
+            raise ValueError(f"{self.name} codes (tokens, {self.width}) tensors, got {tuple(hidden.shape)}")
+        tokens = hidden.shape[0] if token_mask is None else len(token_mask)
+        if token_mask is not None and int(np.count_nonzero(token_mask)) != hidden.shape[0]:
+            raise ValueError("token mask and hidden states disagree on the number of kept tokens")
+        header = container.Header(int(self.kind), tokens, self.width, token_mask)
+        return container.pack(header, self.encode(hidden.detach().float().contiguous()))
+
+    def decode_payload(
+        self, payload: bytes, max_tokens: int = container.DEFAULT_MAX_TOKENS
+    ) -> tuple[container.Header, torch.Tensor]:
+        """Payload -> (header, hidden states of the kept tokens ``(T_kept, D)``)."""
+        header, body = container.parse(payload, max_tokens=max_tokens, max_width=self.width)
+        if header.codec_kind != self.kind:
+            try:
+                claimed = CodecKind(header.codec_kind).label
+            except ValueError:
+                claimed = f"unknown kind {header.codec_kind}"
+            raise BitstreamError(f"payload was coded with {claimed}, but the request names {self.name}")
+        if header.width != self.width:
+            raise BitstreamError(f"payload width {header.width} does not match the model width {self.width}")
+        hidden = self.decode(body, header.kept_tokens)
+        if not torch.isfinite(hidden).all():
+            raise BitstreamError("payload decodes to non-finite values")
+        return header, hidden

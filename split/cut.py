@@ -1,0 +1,179 @@
+"""The one model cutter: front = embeddings + blocks [0, k), back = blocks [k, L) + head.
+
+::
+
+    token ids (B, T) --embed--> (B, T, D) --blocks [0, k)--> hidden at the split (B, T, D)
+                                                                 |  codec + wire
+    answer <--head-- (B, T, D) <--blocks [k, L)------------------+
+
+Both halves run the Hugging Face model's own modules; nothing is forked. Attention masks and
+positions are rebuilt on each side from the boolean token mask, so 4-D masks and rotary tables never
+cross the wire. Callers choose gradient mode: serving wraps calls in ``torch.inference_mode()``,
+codec training lets gradients flow through the frozen back half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from splitwire.split.models import LoadedModel, ModelFamily
+
+
+class InvalidSplitError(ValueError):
+    """A split point outside ``[0, num_blocks]``."""
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    """Half-open range ``[start, end)`` of transformer blocks."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end:
+            raise InvalidSplitError(f"invalid block range [{self.start}, {self.end})")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a model of ``num_blocks`` blocks is split: the edge runs ``front``, the cloud ``back``."""
+
+    num_blocks: int
+    split: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.split <= self.num_blocks:
+            raise InvalidSplitError(
+                f"split {self.split} is outside [0, {self.num_blocks}] for a model of {self.num_blocks} blocks"
+            )
+
+    @property
+    def front(self) -> BlockRange:
+        return BlockRange(0, self.split)
+
+    @property
+    def back(self) -> BlockRange:
+        return BlockRange(self.split, self.num_blocks)
+
+    # The only conversion between a cut and the wire: InferRequest.split is the first block the
+    # server runs, absent meaning the model's default.
+    def to_wire(self) -> int:
+        return self.split
+
+    @classmethod
+    def from_wire(cls, model: LoadedModel, split: int | None) -> Cut:
+        return cls(model.num_blocks, model.spec.default_split if split is None else int(split))
+
+
+def positions_from_mask(token_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token, counting only real tokens: ``(B, T)`` bool -> ``(B, T)`` long."""
+    return (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def attention_bias(
+    token_mask: torch.Tensor, positions: torch.Tensor, causal: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive attention mask: 0 where a query may attend a key, the dtype's minimum elsewhere.
+
+    Bidirectional: ``(B, 1, 1, T)``, keys masked by ``token_mask``. Causal: ``(B, 1, T, T)``, a query
+    also sees only keys at positions not after its own.
+    """
+    allowed = token_mask[:, None, None, :]
+    if causal:
+        allowed = allowed & (positions[:, None, None, :] <= positions[:, None, :, None])
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=token_mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class SplitModel:
+    """Runs any block range of a loaded model, and its embeddings and head."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.causal = model.family is ModelFamily.DECODER
+        hf = model.hf_model
+        if self.causal:
+            self._embed_tokens = hf.model.embed_tokens
+            self._layers = hf.model.layers
+            self._rotary = hf.model.rotary_emb
+            self._final_norm = hf.model.norm
+            self._lm_head = hf.lm_head
+        else:
+            self._embeddings = hf.embeddings
+            self._layers = hf.encoder.layer
+
+    def embed(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` -> input of block 0 ``(B, T, D)``."""
+        if self.causal:
+            return self._embed_tokens(input_ids)
+        return self._embeddings(
+            input_ids=input_ids,
+            token_type_ids=torch.zeros_like(input_ids),
+            position_ids=positions_from_mask(token_mask),
+        )
+
+    def blocks(
+        self,
+        hidden: torch.Tensor,
+        token_mask: torch.Tensor,
+        blocks: BlockRange,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``blocks`` on ``hidden`` ``(B, T, D)``; padding is where ``token_mask`` ``(B, T)`` is False.
+
+        ``positions`` ``(B, T)`` defaults to the rank of each token among the real ones; pass the original
+        positions when tokens were dropped before the split.
+        """
+        if blocks.end > len(self._layers):
+            raise InvalidSplitError(f"block range [{blocks.start}, {blocks.end}) exceeds {len(self._layers)} blocks")
+        if len(blocks) == 0:
+            return hidden
+        if positions is None:
+            positions = positions_from_mask(token_mask)
+        bias = attention_bias(token_mask, positions, self.causal, hidden.dtype)
+        kwargs = {}
+        if self.causal:
+            kwargs = {"position_ids": positions, "position_embeddings": self._rotary(hidden, positions)}
+        for layer in self._layers[blocks.start : blocks.end]:
+            hidden = layer(hidden, attention_mask=bias, **kwargs)
+        return hidden
+
+    def head(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Output of the last block ``(B, T, D)`` -> answer.
+
+        Encoder: mean over real tokens, L2-normalised, ``(B, D)``. Decoder: next-token logits after the
+        last real token, ``(B, V)``.
+        """
+        if self.causal:
+            last = token_mask.long().sum(dim=1).clamp(min=1) - 1
+            final = self._final_norm(hidden[torch.arange(hidden.shape[0]), last])
+            return self._lm_head(final)
+        weights = token_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=-1)
+
+    def run_front(self, cut: Cut, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Edge half: token ids ``(B, T)`` -> hidden state at the split ``(B, T, D)``."""
+        return self.blocks(self.embed(input_ids, token_mask), token_mask, cut.front)
+
+    def run_back(
+        self,
+        cut: Cut,
+        hidden: torch.Tensor,
+        token_mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cloud half: hidden state at the split ``(B, T, D)`` -> answer (see :meth:`head`)."""
+        return self.head(self.blocks(hidden, token_mask, cut.back, positions), token_mask)
+
+    def run_unsplit(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """The whole model in one process: the reference every split is measured against."""
+        everything = Cut(self.model.num_blocks, self.model.num_blocks)
+        return self.head(self.run_front(everything, input_ids, token_mask), token_mask)
