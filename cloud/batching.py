@@ -9,6 +9,7 @@ each group on one compute thread. A full queue refuses new work at once instead 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -80,10 +81,8 @@ class Batcher(Generic[Key, Item, Result]):
         """Stop the worker; queued items fail as overloaded (callers are draining anyway)."""
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
         while self._queue is not None and not self._queue.empty():
             pending = self._queue.get_nowait()
@@ -134,9 +133,7 @@ class Batcher(Generic[Key, Item, Result]):
             for key, group in live.items():
                 started = time.monotonic()
                 try:
-                    results = await loop.run_in_executor(
-                        self._executor, self._run_batch, key, [p.item for p in group]
-                    )
+                    results = await loop.run_in_executor(self._executor, self._run_batch, key, [p.item for p in group])
                 except Exception as exc:  # the batch failed as a whole: every caller hears of it
                     log.exception("batch of %d failed", len(group))
                     for pending in group:

@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0 picks a free one)")
     serve.add_argument(
-        "--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus /metrics port; -1 disables it"
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="Prometheus /metrics port; -1 disables it",
     )
     serve.add_argument(
         "--model",
@@ -81,7 +84,10 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"splitwire-cloud serving on {config.host}:{server.port}, metrics on port {server.metrics_port}", flush=True)
+    print(
+        f"splitwire-cloud serving on {config.host}:{server.port}, metrics on port {server.metrics_port}",
+        flush=True,
+    )
     await stop.wait()
     log.info("signal received; draining for up to %.1f s", config.grace_seconds)
     await server.stop()
@@ -90,7 +96,9 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         asyncio.run(serve(config_from_args(args)))

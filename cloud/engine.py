@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from splitwire.cloud import metrics
 from splitwire.cloud.batching import Batcher
 from splitwire.cloud.config import ServerConfig

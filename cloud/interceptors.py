@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-
 from splitwire.cloud import errors, metrics
 from splitwire.codec.errors import BitstreamError, UnknownCodecError
 from splitwire.split.cut import InvalidSplitError

@@ -14,7 +14,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-
 from splitwire.cloud.config import ServerConfig
 from splitwire.cloud.engine import InferenceEngine
 from splitwire.cloud.interceptors import ErrorMappingInterceptor
@@ -58,7 +57,11 @@ class CloudServer:
         pb_grpc.add_SplitInferenceServicer_to_server(SplitInferenceServicer(self.engine, splitwire_version()), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (pb.DESCRIPTOR.services_by_name["SplitInference"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (
+                pb.DESCRIPTOR.services_by_name["SplitInference"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{config.host}:{config.port}"

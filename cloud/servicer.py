@@ -6,7 +6,6 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-
 from splitwire.cloud import metrics
 from splitwire.cloud.engine import InferenceEngine, InferenceResult
 from splitwire.cloud.errors import InvalidInput

@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-
 from splitwire.codec import container
 from splitwire.codec.errors import BitstreamError
 from splitwire.split.fingerprint import tensors_fingerprint

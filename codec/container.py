@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from splitwire.codec.errors import BitstreamError
 
 MAGIC_NIBBLE = 0x5

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import zstandard
-
 from splitwire.codec.base import Codec, CodecKind
 from splitwire.codec.errors import BitstreamError
 

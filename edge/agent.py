@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
-
 from splitwire.codec.base import Codec
 from splitwire.codec.catalog import CodecCatalog
 from splitwire.codec.container import bits_per_token
@@ -97,7 +96,8 @@ class EdgeResult:
 class EdgeAgent:
     """Front half + codec + gRPC client. ``load()``, ``connect()``, then ``infer()`` as often as needed."""
 
-    def __init__(self, config: EdgeConfig) -> None:
+    def __init__(self, config: EdgeConfig, model: LoadedModel | None = None) -> None:
+        """``model``: an already loaded model to share (it must be ``config.model``); loaded on demand otherwise."""
         self.config = config
         self.model: LoadedModel | None = None
         self.catalog: CodecCatalog | None = None
@@ -107,6 +107,8 @@ class EdgeAgent:
         self.cut: Cut | None = None
         self.codec: Codec | None = None
         self.server_info: pb.ServerInfo | None = None
+        if model is not None:
+            self._use(model)
 
     def __enter__(self) -> EdgeAgent:
         return self
@@ -115,16 +117,21 @@ class EdgeAgent:
         self.close()
 
     def load(self) -> None:
-        self.model = load_model(self.config.model)
-        self._split_model = SplitModel(self.model)
-        self.catalog = CodecCatalog.for_model(self.model.fingerprint, self.model.hidden_size)
+        self._use(load_model(self.config.model))
+
+    def _use(self, model: LoadedModel) -> None:
+        self.model = model
+        self._split_model = SplitModel(model)
+        self.catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
 
     def connect(self) -> None:
         """Open the channel, fetch the server's info and settle model, split and codec with it."""
         if self.model is None:
             self.load()
         assert self.model is not None and self.catalog is not None
-        self._channel = grpc.insecure_channel(self.config.server, options=channel_options(self.config.max_message_bytes))
+        self._channel = grpc.insecure_channel(
+            self.config.server, options=channel_options(self.config.max_message_bytes)
+        )
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         try:
             info = self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.config.timeout_s, wait_for_ready=True)
@@ -181,7 +188,9 @@ class EdgeAgent:
         payload = self.codec.encode_payload(hidden)
         t3 = time.perf_counter()
         timings.update(tokenize=1000 * (t1 - t0), front=1000 * (t2 - t1), encode=1000 * (t3 - t2))
-        request = pb.InferRequest(model=self.model.name, split=self.cut.to_wire(), codec=self.codec.name, payload=payload)
+        request = pb.InferRequest(
+            model=self.model.name, split=self.cut.to_wire(), codec=self.codec.name, payload=payload
+        )
         return request, int(token_mask.sum()), timings
 
     def infer(self, text: str) -> EdgeResult:
@@ -191,7 +200,10 @@ class EdgeAgent:
         assert self._stub and self.model and self.codec and self.cut
         started = time.perf_counter()
         request, tokens, timings = self.prepare(text)
-        metadata = ((MODEL_FINGERPRINT_KEY, self.model.fingerprint), (CODEC_FINGERPRINT_KEY, self.codec.fingerprint()))
+        metadata = (
+            (MODEL_FINGERPRINT_KEY, self.model.fingerprint),
+            (CODEC_FINGERPRINT_KEY, self.codec.fingerprint()),
+        )
         sent = time.perf_counter()
         try:
             response = self._stub.Infer(request, timeout=self.config.timeout_s, metadata=metadata)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError, EdgeResult
 from splitwire.split.models import DEFAULT_MODEL, MODELS
 from splitwire.split.transport import DEFAULT_PORT, DEFAULT_TIMEOUT_SECONDS
@@ -84,13 +83,17 @@ def _similarity(agent: EdgeAgent, args: argparse.Namespace) -> None:
         print(json.dumps({"similarity": round(cosine, 6), "a": a.to_json(), "b": b.to_json()}))
     else:
         print(f"{cosine:.4f}")
-        print(f"  {a.payload_bytes + b.payload_bytes} B sent for {a.tokens + b.tokens} tokens ({a.codec}, split {a.split})")
+        print(
+            f"  {a.payload_bytes + b.payload_bytes} B sent for {a.tokens + b.tokens} tokens ({a.codec}, split {a.split})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    config = EdgeConfig(server=args.server, model=args.model, split=args.split, codec=args.codec, timeout_s=args.timeout)
+    config = EdgeConfig(
+        server=args.server, model=args.model, split=args.split, codec=args.codec, timeout_s=args.timeout
+    )
     try:
         with EdgeAgent(config) as agent:
             agent.connect()

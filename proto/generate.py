@@ -32,7 +32,11 @@ def generate(out_root: Path) -> list[Path]:
     outputs = []
     for proto in PROTO_FILES:
         stem = proto.removesuffix(".proto")
-        outputs += [out_root / f"{stem}_pb2.py", out_root / f"{stem}_pb2.pyi", out_root / f"{stem}_pb2_grpc.py"]
+        outputs += [
+            out_root / f"{stem}_pb2.py",
+            out_root / f"{stem}_pb2.pyi",
+            out_root / f"{stem}_pb2_grpc.py",
+        ]
     return outputs
 
 

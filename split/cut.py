@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from splitwire.split.models import LoadedModel, ModelFamily
 
 
@@ -77,9 +76,7 @@ def positions_from_mask(token_mask: torch.Tensor) -> torch.Tensor:
     return (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def attention_bias(
-    token_mask: torch.Tensor, positions: torch.Tensor, causal: bool, dtype: torch.dtype
-) -> torch.Tensor:
+def attention_bias(token_mask: torch.Tensor, positions: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention mask: 0 where a query may attend a key, the dtype's minimum elsewhere.
 
     Bidirectional: ``(B, 1, 1, T)``, keys masked by ``token_mask``. Causal: ``(B, 1, T, T)``, a query

@@ -16,11 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
-from transformers.utils import logging as hf_logging
-
 from splitwire.split.fingerprint import model_fingerprint
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +133,7 @@ def _load_tiny_bert() -> tuple[PreTrainedModel, object]:
         max_position_embeddings=512,
     )
     # Borrow the bundled MiniLM tokenizer: same vocabulary size, no download.
-    return _seeded(lambda: BertModel(config, add_pooling_layer=False)), AutoTokenizer.from_pretrained(
-        _minilm_path()
-    )
+    return _seeded(lambda: BertModel(config, add_pooling_layer=False)), AutoTokenizer.from_pretrained(_minilm_path())
 
 
 def _load_tiny_llama() -> tuple[PreTrainedModel, object]:

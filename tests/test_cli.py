@@ -1,0 +1,82 @@
+"""The console scripts as a user runs them: real processes, real ports, real signals."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from splitwire.codec.container import parse
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[tuple[subprocess.Popen, str]]:
+    process = subprocess.Popen(
+        [BIN / "splitwire-cloud", "serve", "--port", "0", "--metrics-port", "0", "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    match = re.search(r"serving on ([\d.]+:\d+)", line)
+    assert match, f"server did not start: {line}{process.stderr.read() if process.poll() is not None else ''}"
+    yield process, match.group(1)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def edge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "splitwire-edge", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_run_prints_one_json_object_per_input_and_saves_the_payload(cloud, tmp_path: Path) -> None:
+    _, address = cloud
+    saved = tmp_path / "payload.bin"
+    done = edge("run", "--server", address, "--codec", "fp16", "--json", "--save-payload", str(saved), "Hello world")
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.strip().splitlines()
+    result = json.loads(line)
+    assert result["tokens"] == 4 and result["codec"] == "fp16" and result["split"] == 3
+    assert len(result["embedding"]) == 384
+    assert result["payload_bytes"] == saved.stat().st_size == 5 + 4 * 384 * 2
+    assert result["bits_per_token"] == pytest.approx(result["payload_bytes"] * 8 / 4, abs=1e-3)
+    assert {"front", "encode", "round_trip", "total"} <= set(result["timings_ms"])
+    header, _ = parse(saved.read_bytes())
+    assert (header.tokens, header.width) == (4, 384)
+
+
+def test_run_several_texts_and_similarity(cloud) -> None:
+    _, address = cloud
+    done = edge("run", "--server", address, "--json", "First text.", "Second, longer text here.")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 2
+    done = edge("similarity", "--server", address, "A man is playing a guitar.", "A man plays the guitar.")
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[0]) > 0.8
+
+
+def test_edge_reports_a_refused_codec_clearly(cloud) -> None:
+    _, address = cloud
+    done = edge("run", "--server", address, "--codec", "nope", "text")
+    assert done.returncode == 1
+    assert "unknown codec 'nope'" in done.stderr
+
+
+def test_edge_reports_an_unreachable_server(cloud) -> None:
+    done = edge("run", "--server", "127.0.0.1:1", "--timeout", "2", "text")
+    assert done.returncode == 1
+    assert "cannot reach splitwire-cloud at 127.0.0.1:1" in done.stderr
+
+
+def test_sigterm_stops_the_server_cleanly(cloud) -> None:
+    process, _ = cloud
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
