@@ -1,8 +1,151 @@
-"""``splitwire-bench``: benchmarks (filled in below)."""
+"""``splitwire-bench``: rate-distortion, codec training and the demo (load and compute come with serving)."""
 
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
 import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("splitwire.bench")
+
+
+def _write_json(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _run_info(argv: list[str] | None) -> dict[str, object]:
+    return {
+        "command": "splitwire-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+    }
+
+
+# -- rd ------------------------------------------------------------------------------------------
+
+
+def cmd_rd(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import rd_command
+
+    payload = rd_command.run(args)
+    payload = {**_run_info(argv), **payload}
+    _write_json(args.json, payload)
+    return 0
+
+
+# -- train-codec ---------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import train_command
+
+    train_command.run(args, _run_info(argv))
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from splitwire.split.models import DEFAULT_MODEL
+    from splitwire.split.transport import DEFAULT_PORT
+
+    parser = argparse.ArgumentParser(prog="splitwire-bench", description="Benchmarks for split inference.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    rd = sub.add_parser("rd", help="rate against task quality for codecs and split points", formatter_class=fmt)
+    rd.add_argument("--model", default=DEFAULT_MODEL)
+    rd.add_argument("--task", choices=["stsb", "classify", "lm"], default="stsb")
+    rd.add_argument("--data", type=Path, default=None, help="evaluation file in its original format")
+    rd.add_argument("--train", type=Path, default=None, help="classify: file the logistic-regression head learns from")
+    rd.add_argument("--train-limit", type=int, default=None, help="classify: use only the first N training rows")
+    rd.add_argument("--slice", default=None, help="evaluate rows START:STOP of the data file (Python slice)")
+    rd.add_argument(
+        "--split", default=None, help="split point(s), comma-separated, or 'all' (default: the model's default)"
+    )
+    rd.add_argument("--codec", default=None, help="codec names, comma-separated (default: every codec)")
+    rd.add_argument("--json", type=Path, required=True, help="where to write the results")
+    rd.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default: next to --json)")
+    rd.add_argument("--max-tokens", type=int, default=None, help="lm: evaluate at most N tokens")
+    rd.add_argument(
+        "--record-manifest", action="store_true", help="store the figures of shipped codecs in their manifest"
+    )
+    rd.set_defaults(handler=cmd_rd)
+
+    train = sub.add_parser("train-codec", help="train (or fit) a codec at a split point", formatter_class=fmt)
+    train.add_argument("--model", default=DEFAULT_MODEL)
+    train.add_argument("--kind", choices=["factorized", "hyperprior", "uniform", "pca"], required=True)
+    train.add_argument("--split", type=int, required=True)
+    train.add_argument("--lambda", dest="lmbda", type=float, default=1000.0, help="distortion weight")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch-tokens", type=int, default=1024)
+    train.add_argument("--latent-channels", type=int, default=64, help="factorized (0: no transform), hyperprior")
+    train.add_argument("--side-channels", type=int, default=8, help="hyperprior")
+    train.add_argument("--hidden", type=int, default=256, help="width of the transforms' hidden layers")
+    train.add_argument("--step", type=float, default=0.5, help="uniform, pca: quantisation step in standard deviations")
+    train.add_argument("--components", type=int, default=64, help="pca")
+    train.add_argument(
+        "--train-data",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="training files (STS-B csv or text<TAB>label tsv); default: STS-B train minus its last 500 pairs, "
+        "plus the first 20,000 SST-2 train sentences",
+    )
+    train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME)")
+    train.add_argument("--name", default=None, help="codec name (default: KIND-sSPLIT-...)")
+    train.add_argument("--install", action="store_true", help="ship the result: copy it into the codec package")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(handler=cmd_train)
+
+    demo = sub.add_parser(
+        "demo", help="score STS-B sentence pairs through a running server, per codec", formatter_class=fmt
+    )
+    demo.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--codecs", default=None, help="comma-separated (default: raw codecs + shipped ones)")
+    demo.add_argument("--pairs", type=int, default=200, help="STS-B dev pairs to score")
+    demo.add_argument("--show", type=int, default=5, help="pairs to print one by one")
+    demo.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
+    demo.add_argument("--json", type=Path, default=None, help="also write the results here")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("not yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    try:
+        code = args.handler(args, argv)
+    except (FileNotFoundError, ValueError, LookupError, NotImplementedError) as exc:
+        print(f"splitwire-bench: {exc}", file=sys.stderr)
+        return 2
+    log.info("done in %.1f s", time.perf_counter() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

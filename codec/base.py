@@ -104,7 +104,7 @@ class Codec(ABC):
         self, payload: bytes, max_tokens: int = container.DEFAULT_MAX_TOKENS
     ) -> tuple[container.Header, torch.Tensor]:
         """Payload -> (header, hidden states of the kept tokens ``(T_kept, D)``)."""
-        header, body = container.parse(payload, max_tokens=max_tokens, max_width=self.width)
+        header, body = container.parse(payload, self.width, max_tokens=max_tokens, max_width=self.width)
         if header.codec_kind != self.kind:
             try:
                 claimed = CodecKind(header.codec_kind).label

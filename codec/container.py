@@ -4,15 +4,16 @@ Format, version 1 (all multi-byte integers are unsigned LEB128 varints)::
 
     offset  size      field
     0       1         0x5V: magic nibble 0x5, container version V in the low nibble
-    1       1         flags (bit 7: token mask present; bits 5-6 reserved, zero)
+    1       1         flags (bit 7: token mask present; bit 6: width present; bit 5 reserved, zero)
                       | codec kind (bits 0-4, see CodecKind)
     2       varint    tokens T: tokens of the input before any token was dropped, >= 1
-    .       varint    width D: channels per token at the split, >= 1
+    .       varint    width D, only with flag bit 6: channels per token at the split, >= 1;
+                      without it the width is the codec's own (the model's hidden size)
     .       ceil(T/8) token mask, only with flag bit 7: bit i (LSB first) set when token i was kept;
                       without it every token was kept. Unused high bits of the last byte are zero.
     .       rest      codec body: the kept tokens' hidden states, coded by the codec
 
-A typical header is 5 bytes. Model and codec identity (fingerprints, checkpoint names) are settled
+A typical header is 3 bytes. Model and codec identity (fingerprints, checkpoint names) are settled
 once per connection, not repeated here.
 """
 
@@ -26,7 +27,8 @@ from splitwire.codec.errors import BitstreamError
 MAGIC_NIBBLE = 0x5
 VERSION = 1
 _FLAG_TOKEN_MASK = 0x80
-_RESERVED_FLAGS = 0x60
+_FLAG_WIDTH = 0x40
+_RESERVED_FLAGS = 0x20
 _KIND_BITS = 0x1F
 _MAX_VARINT_BYTES = 5  # enough for 32-bit values
 
@@ -43,6 +45,7 @@ class Header:
     tokens: int
     width: int
     token_mask: np.ndarray | None = None  # (tokens,) bool, None when every token was kept
+    explicit_width: bool = False  # write the width even though the codec implies it
 
     @property
     def kept_tokens(self) -> int:
@@ -81,16 +84,17 @@ def _read_varint(data: memoryview, offset: int, field: str) -> tuple[int, int]:
 
 
 def pack(header: Header, body: bytes) -> bytes:
-    """Header + body -> payload bytes."""
+    """Header + body -> payload bytes. The width is written only when ``header.explicit_width``."""
     if not 0 <= header.codec_kind <= _KIND_BITS:
         raise ValueError(f"codec kind {header.codec_kind} does not fit the header")
     if header.tokens < 1 or header.width < 1:
         raise ValueError(f"a payload needs at least one token and one channel, got {header.tokens}x{header.width}")
     out = bytearray([(MAGIC_NIBBLE << 4) | VERSION])
-    flags = _FLAG_TOKEN_MASK if header.token_mask is not None else 0
+    flags = (_FLAG_TOKEN_MASK if header.token_mask is not None else 0) | (_FLAG_WIDTH if header.explicit_width else 0)
     out.append(flags | header.codec_kind)
     _write_varint(header.tokens, out)
-    _write_varint(header.width, out)
+    if header.explicit_width:
+        _write_varint(header.width, out)
     if header.token_mask is not None:
         mask = np.asarray(header.token_mask, dtype=bool)
         if mask.shape != (header.tokens,):
@@ -102,13 +106,15 @@ def pack(header: Header, body: bytes) -> bytes:
 
 def parse(
     payload: bytes,
+    width: int,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_width: int = DEFAULT_MAX_WIDTH,
 ) -> tuple[Header, memoryview]:
     """Payload bytes -> (header, body). Raises :class:`BitstreamError` on anything malformed.
 
-    Limits are checked before anything is allocated, so a header cannot make the reader allocate
-    more than ``max_tokens`` bits of mask.
+    ``width`` is the codec's width, used when the payload does not state one. Limits are checked
+    before anything is allocated, so a header cannot make the reader allocate more than
+    ``max_tokens`` bits of mask.
     """
     data = memoryview(payload)
     if len(data) < 2:
@@ -123,11 +129,12 @@ def parse(
         raise BitstreamError(f"reserved header flags are set (0x{flags:02x})")
     kind = flags & _KIND_BITS
     tokens, offset = _read_varint(data, 2, "token count")
-    width, offset = _read_varint(data, offset, "width")
     if not 1 <= tokens <= max_tokens:
         raise BitstreamError(f"header claims {tokens} tokens; allowed are 1 to {max_tokens}")
-    if not 1 <= width <= max_width:
-        raise BitstreamError(f"header claims width {width}; allowed are 1 to {max_width}")
+    if flags & _FLAG_WIDTH:
+        width, offset = _read_varint(data, offset, "width")
+        if not 1 <= width <= max_width:
+            raise BitstreamError(f"header claims width {width}; allowed are 1 to {max_width}")
     mask = None
     if flags & _FLAG_TOKEN_MASK:
         mask_bytes = (tokens + 7) // 8
@@ -141,7 +148,10 @@ def parse(
         if not mask.any():
             raise BitstreamError("token mask keeps no token")
         offset += mask_bytes
-    return Header(codec_kind=kind, tokens=tokens, width=width, token_mask=mask), data[offset:]
+    header = Header(
+        codec_kind=kind, tokens=tokens, width=width, token_mask=mask, explicit_width=bool(flags & _FLAG_WIDTH)
+    )
+    return header, data[offset:]
 
 
 def bits_per_token(payload_bytes: int, tokens: int) -> float:

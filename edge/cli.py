@@ -83,9 +83,8 @@ def _similarity(agent: EdgeAgent, args: argparse.Namespace) -> None:
         print(json.dumps({"similarity": round(cosine, 6), "a": a.to_json(), "b": b.to_json()}))
     else:
         print(f"{cosine:.4f}")
-        print(
-            f"  {a.payload_bytes + b.payload_bytes} B sent for {a.tokens + b.tokens} tokens ({a.codec}, split {a.split})"
-        )
+        sent, tokens = a.payload_bytes + b.payload_bytes, a.tokens + b.tokens
+        print(f"  {sent} B sent for {tokens} tokens ({a.codec}, split {a.split})")
 
 
 def main(argv: list[str] | None = None) -> int:

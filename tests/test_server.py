@@ -93,7 +93,7 @@ def test_split_embedding_matches_unsplit_over_grpc(
 def test_result_reports_bytes_tokens_and_bits(agent: EdgeAgent) -> None:
     result = agent.infer(SENTENCES[0])
     assert result.tokens == 11  # [CLS] + 9 word pieces + [SEP]
-    assert result.payload_bytes == 5 + 11 * 384 * 4
+    assert result.payload_bytes == 3 + 11 * 384 * 4
     assert result.bits_per_token == pytest.approx(result.payload_bytes * 8 / 11)
     assert result.message_bytes > result.payload_bytes
     for stage in ("tokenize", "front", "encode", "round_trip", "total", "server_compute"):

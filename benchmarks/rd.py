@@ -1,0 +1,140 @@
+"""Rate-distortion measurement: every sequence goes through the real payload path.
+
+For each input: front half -> ``codec.encode_payload`` -> bytes counted -> ``codec.decode_payload`` ->
+back half -> task output. Quality is computed from those outputs, next to the unsplit model's quality
+on the same data in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from splitwire.benchmarks.datasets import SentencePair
+from splitwire.codec.base import Codec
+from splitwire.codec.container import bits_per_token
+from splitwire.split.cut import Cut, SplitModel
+from splitwire.split.models import LoadedModel
+
+
+@dataclass
+class RateRow:
+    """One codec at one split point on one task: what the README's tables and plots are made of."""
+
+    codec: str
+    kind: str
+    split: int
+    task: str
+    bits_per_token: float  # real payload bytes x 8 / input tokens, headers included
+    estimated_bits_per_token: float  # -log2 likelihood of the codec body / input tokens
+    quality: float
+    unsplit_quality: float
+    higher_is_better: bool
+    encode_ms_per_token: float
+    decode_ms_per_token: float
+    payload_bytes_mean: float
+    overhead_bytes_mean: float  # real payload bytes - estimated body bytes, per request
+    sequences: int
+    tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def relative_quality(self) -> float:
+        return self.quality / self.unsplit_quality if self.higher_is_better else self.unsplit_quality / self.quality
+
+    def to_json(self) -> dict[str, object]:
+        out = asdict(self)
+        out["relative_quality"] = self.relative_quality
+        return out
+
+
+@dataclass
+class Coded:
+    """Outputs of a set of sequences sent through a codec, and what it cost."""
+
+    outputs: torch.Tensor  # (N, ...) head outputs, in input order
+    payload_bytes: int
+    estimated_bits: float
+    tokens: int
+    encode_s: float
+    decode_s: float
+    sequences: int
+
+    def row_fields(self) -> dict[str, float]:
+        return {
+            "bits_per_token": bits_per_token(self.payload_bytes, self.tokens),
+            "estimated_bits_per_token": self.estimated_bits / self.tokens,
+            "encode_ms_per_token": 1000 * self.encode_s / self.tokens,
+            "decode_ms_per_token": 1000 * self.decode_s / self.tokens,
+            "payload_bytes_mean": self.payload_bytes / self.sequences,
+            "overhead_bytes_mean": (self.payload_bytes - self.estimated_bits / 8) / self.sequences,
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+        }
+
+
+def run_through_codec(model: LoadedModel, cut: Cut, codec: Codec | None, texts: Sequence[str]) -> Coded:
+    """Each text alone through front -> payload -> back; ``codec=None`` runs the unsplit model."""
+    split_model = SplitModel(model)
+    outputs = []
+    payload_bytes = tokens = 0
+    estimated = encode_s = decode_s = 0.0
+    with torch.inference_mode():
+        for text in texts:
+            ids, mask = model.tokenize([text])
+            tokens += int(mask.sum())
+            if codec is None:
+                outputs.append(split_model.run_unsplit(ids, mask)[0])
+                continue
+            hidden = split_model.run_front(cut, ids, mask)[0]
+            t0 = time.perf_counter()
+            payload = codec.encode_payload(hidden)
+            t1 = time.perf_counter()
+            header, decoded = codec.decode_payload(payload)
+            t2 = time.perf_counter()
+            encode_s += t1 - t0
+            decode_s += t2 - t1
+            payload_bytes += len(payload)
+            estimated += codec.estimate_bits(hidden)
+            positions = torch.from_numpy(np.flatnonzero(header.kept_mask()))[None]
+            outputs.append(split_model.run_back(cut, decoded[None], mask, positions)[0])
+    return Coded(torch.stack(outputs), payload_bytes, estimated, tokens, encode_s, decode_s, len(texts))
+
+
+def spearman_x100(predicted: np.ndarray, gold: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(100.0 * spearmanr(predicted, gold).statistic)
+
+
+def stsb_quality(embeddings: dict[str, torch.Tensor], pairs: Sequence[SentencePair]) -> float:
+    """Spearman x 100 between cosine similarity and the gold scores."""
+    cos = np.array([float(torch.dot(embeddings[p.first], embeddings[p.second])) for p in pairs])
+    return spearman_x100(cos, np.array([p.score for p in pairs]))
+
+
+def codec_overhead_ratio(model: LoadedModel, cut: Cut, codec: Codec, tokens: int = 32, repeats: int = 50) -> float:
+    """Median (encode + decode) time of a ``tokens``-token input over the median front-half time.
+
+    Both are timed in this call, interleaved, after a warm-up, so machine noise hits them alike.
+    """
+    split_model = SplitModel(model)
+    ids = torch.full((1, tokens), 1000, dtype=torch.long)
+    ids[0, 0], ids[0, -1] = 101, 102
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    front_times, codec_times = [], []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            t0 = time.perf_counter()
+            hidden = split_model.run_front(cut, ids, mask)[0]
+            t1 = time.perf_counter()
+            codec.decode_payload(codec.encode_payload(hidden))
+            t2 = time.perf_counter()
+            if i >= 5:
+                front_times.append(t1 - t0)
+                codec_times.append(t2 - t1)
+    return statistics.median(codec_times) / statistics.median(front_times)

@@ -1,0 +1,202 @@
+"""``splitwire-bench rd``: every codec and split point on a task, beside the unsplit model, as JSON + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from splitwire.benchmarks import datasets
+from splitwire.benchmarks.bdrate import bd_rate
+from splitwire.benchmarks.plots import plot_rate_distortion
+from splitwire.benchmarks.rd import RateRow, codec_overhead_ratio, run_through_codec, stsb_quality
+from splitwire.benchmarks.shipping import record_figures
+from splitwire.codec.catalog import CodecCatalog, read_manifest
+from splitwire.split.cut import Cut
+from splitwire.split.models import LoadedModel, ModelFamily, load_model
+
+log = logging.getLogger(__name__)
+
+QUALITY_NAMES = {
+    "stsb": "STS-B Spearman x100",
+    "classify": "accuracy %",
+    "lm": "perplexity",
+}
+
+
+class Task:
+    """Texts to send through each codec and how to score the outputs."""
+
+    name: str
+    higher_is_better = True
+    texts: list[str]
+    data: Path
+
+    def score(self, outputs: torch.Tensor) -> float:
+        raise NotImplementedError
+
+
+class StsbTask(Task):
+    name = "stsb"
+
+    def __init__(self, data: Path | None, rows: slice) -> None:
+        self.data = data or datasets.STSB_DEV
+        self.pairs = datasets.read_stsb(self.data)[rows]
+        self.texts = datasets.stsb_sentences(self.pairs)
+
+    def score(self, outputs: torch.Tensor) -> float:
+        return stsb_quality(dict(zip(self.texts, outputs, strict=True)), self.pairs)
+
+
+class ClassifyTask(Task):
+    """A fixed logistic-regression head, trained once on uncompressed (unsplit) embeddings."""
+
+    name = "classify"
+
+    def __init__(
+        self, model: LoadedModel, data: Path | None, train: Path | None, rows: slice, train_limit: int | None
+    ) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        self.data = data or datasets.SST2_DEV
+        evaluation = datasets.read_labelled(self.data)
+        if train is None and data is None:
+            train = datasets.SST2_TRAIN
+        if train is not None:
+            training = datasets.read_labelled(train)
+        else:  # no separate training file: the first half trains the head, the rest is evaluated
+            half = len(evaluation) // 2
+            training, evaluation = evaluation[:half], evaluation[half:]
+        training = training[:train_limit] if train_limit else training
+        evaluation = evaluation[rows]
+        self.texts = [text for text, _ in evaluation]
+        self.labels = np.array([label for _, label in evaluation])
+        train_embeddings = _unsplit_batched(model, [text for text, _ in training])
+        self.head = LogisticRegression(max_iter=2000)
+        self.head.fit(train_embeddings, np.array([label for _, label in training]))
+        self.train_rows = len(training)
+
+    def score(self, outputs: torch.Tensor) -> float:
+        return float(100.0 * np.mean(self.head.predict(outputs.numpy()) == self.labels))
+
+
+def _unsplit_batched(model: LoadedModel, texts: list[str], batch: int = 128) -> np.ndarray:
+    from splitwire.split.cut import SplitModel
+
+    split_model = SplitModel(model)
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch):
+            ids, mask = model.tokenize(texts[start : start + batch])
+            chunks.append(split_model.run_unsplit(ids, mask))
+    return torch.cat(chunks).numpy()
+
+
+def _splits(arg: str | None, model: LoadedModel) -> list[int]:
+    if arg is None:
+        return [model.spec.default_split]
+    if arg == "all":
+        shipped = {e.split for e in read_manifest() if e.model_fingerprint == model.fingerprint}
+        return sorted(shipped | {model.spec.default_split})
+    return [int(s) for s in arg.split(",")]
+
+
+def _bd_rates(rows: list[RateRow]) -> list[dict[str, object]]:
+    """BD-rate of each codec family (per split) against fp16 and against the uniform baseline."""
+    out = []
+    families: dict[tuple[str, int], list[RateRow]] = {}
+    for row in rows:
+        families.setdefault((row.kind, row.split), []).append(row)
+    for (kind, split), members in sorted(families.items()):
+        entry: dict[str, object] = {"kind": kind, "split": split}
+        for anchor_kind in ("fp16", "uniform"):
+            anchor = families.get((anchor_kind, split), [])
+            entry[f"vs_{anchor_kind}_percent"] = bd_rate(
+                [(r.bits_per_token, r.quality) for r in anchor],
+                [(r.bits_per_token, r.quality) for r in members],
+                higher_is_better=members[0].higher_is_better,
+            )
+        out.append(entry)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    model = load_model(args.model)
+    rows_slice = slice(None)
+    if args.slice:
+        start, _, stop = args.slice.partition(":")
+        rows_slice = slice(int(start) if start else None, int(stop) if stop else None)
+    if args.task == "lm":
+        raise NotImplementedError("--task lm is served by the decoder-model benchmark; see `rd --model smollm2`")
+    if model.family is not ModelFamily.ENCODER:
+        raise ValueError(f"--task {args.task} needs an encoder model; {model.name} is a decoder")
+    task: Task = (
+        StsbTask(args.data, rows_slice)
+        if args.task == "stsb"
+        else ClassifyTask(model, args.data, args.train, rows_slice, args.train_limit)
+    )
+    catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
+    wanted = args.codec.split(",") if args.codec else None
+    everything = Cut(model.num_blocks, model.num_blocks)
+    unsplit = task.score(run_through_codec(model, everything, None, task.texts).outputs)
+    print(f"unsplit {model.name}: {QUALITY_NAMES[task.name]} = {unsplit:.2f} on {len(task.texts)} inputs")
+    rows: list[RateRow] = []
+    for split in _splits(args.split, model):
+        cut = Cut(model.num_blocks, split)
+        names = wanted or catalog.names(split)
+        for name in names:
+            codec = catalog.get(name)
+            if not codec.valid_at(split):
+                raise ValueError(f"codec {name} is not valid at split {split} (trained for {list(codec.splits)})")
+            coded = run_through_codec(model, cut, codec, task.texts)
+            row = RateRow(
+                codec=name,
+                kind=codec.kind.label,
+                split=split,
+                task=task.name,
+                quality=task.score(coded.outputs),
+                unsplit_quality=unsplit,
+                higher_is_better=task.higher_is_better,
+                **coded.row_fields(),
+            )
+            row.extra["codec_time_over_front_time_32_tokens"] = codec_overhead_ratio(model, cut, codec)
+            rows.append(row)
+            print(
+                f"split {split} {name:>24}: {row.bits_per_token:9.2f} bits/token "
+                f"(estimated {row.estimated_bits_per_token:8.2f}), quality {row.quality:.2f} "
+                f"({100 * row.relative_quality:.2f}% of unsplit)",
+                flush=True,
+            )
+    bd = _bd_rates(rows)
+    plot = args.plot or args.json.with_suffix(".png")
+    plot_rate_distortion(rows, plot, f"{model.name}, {QUALITY_NAMES[task.name]} on {task.data.name}")
+    if args.record_manifest:
+        shipped = {e.name for e in read_manifest()}
+        for row in rows:
+            if row.codec in shipped:
+                record_figures(row.codec, _manifest_figures(row, task))
+    return {
+        "model": model.name,
+        "model_fingerprint": model.fingerprint,
+        "task": task.name,
+        "quality_name": QUALITY_NAMES[task.name],
+        "data": str(task.data),
+        "rows_evaluated": len(task.texts),
+        "unsplit_quality": unsplit,
+        "rows": [row.to_json() for row in rows],
+        "bd_rate": bd,
+        "plot": str(plot),
+    }
+
+
+def _manifest_figures(row: RateRow, task: Task) -> dict[str, object]:
+    prefix = f"{task.name}_{task.data.stem}"
+    return {
+        "task": task.name,
+        f"{prefix}_quality": round(row.quality, 3),
+        f"{prefix}_unsplit_quality": round(row.unsplit_quality, 3),
+        f"{prefix}_bits_per_token": round(row.bits_per_token, 3),
+        "bits_per_token": round(row.bits_per_token, 3),
+    }

@@ -1,0 +1,128 @@
+"""``splitwire-bench train-codec``: train a learned codec (or fit a baseline) and optionally ship it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from splitwire.benchmarks import datasets
+from splitwire.benchmarks.shipping import install_checkpoint
+from splitwire.codec.base import CodecKind
+from splitwire.codec.fitted import PcaModel, UniformModel
+from splitwire.codec.learned import CodingModel, save_checkpoint
+from splitwire.codec.train import TrainConfig, train_codec
+from splitwire.split.cut import Cut, SplitModel
+from splitwire.split.models import LoadedModel, load_model
+
+# STS-B train pairs kept out of codec training, for choosing between codecs without touching dev.
+STSB_SELECTION_PAIRS = 500
+SST2_TRAIN_SENTENCES = 20_000
+FIT_SENTENCES = 4000  # sentences whose hidden states the non-learned baselines are fitted on
+
+
+def training_texts(files: list[Path] | None) -> tuple[list[str], list[str]]:
+    """Training sentences and a description of where they came from."""
+    if files is None:
+        pairs = datasets.read_stsb(datasets.STSB_TRAIN)[:-STSB_SELECTION_PAIRS]
+        sst = [text for text, _ in datasets.read_labelled(datasets.SST2_TRAIN)[:SST2_TRAIN_SENTENCES]]
+        sources = [
+            f"{datasets.STSB_TRAIN.name} pairs [0, {len(pairs)}) (last {STSB_SELECTION_PAIRS} held out for selection)",
+            f"{datasets.SST2_TRAIN.name} first {len(sst)} sentences",
+        ]
+        return list(dict.fromkeys(datasets.stsb_sentences(pairs) + sst)), sources
+    texts: list[str] = []
+    for path in files:
+        if path.suffix == ".csv":
+            texts += datasets.stsb_sentences(datasets.read_stsb(path))
+        else:
+            texts += [text for text, _ in datasets.read_labelled(path)]
+    return list(dict.fromkeys(texts)), [str(p) for p in files]
+
+
+def _hidden_samples(model: LoadedModel, split: int, texts: list[str]) -> torch.Tensor:
+    split_model = SplitModel(model)
+    cut = Cut(model.num_blocks, split)
+    samples = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 64):
+            ids, mask = model.tokenize(texts[start : start + 64])
+            samples.append(split_model.run_front(cut, ids, mask)[mask])
+    return torch.cat(samples)
+
+
+def _default_name(args: argparse.Namespace) -> str:
+    if args.kind == "uniform":
+        return f"uniform-s{args.split}-q{args.step:g}"
+    if args.kind == "pca":
+        return f"pca{args.components}-s{args.split}-q{args.step:g}"
+    return f"{args.kind}-s{args.split}-l{args.lmbda:g}"
+
+
+def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
+    model = load_model(args.model)
+    kind = CodecKind[args.kind.upper()]
+    name = args.name or _default_name(args)
+    out = args.out or Path("runs") / name
+    texts, sources = training_texts(args.train_data)
+    training: dict[str, object] = {"data": sources, "sentences": len(texts)}
+    if kind in (CodecKind.UNIFORM, CodecKind.PCA):
+        module: CodingModel = (
+            UniformModel(model.hidden_size, step=args.step)
+            if kind is CodecKind.UNIFORM
+            else PcaModel(model.hidden_size, components=args.components, step=args.step)
+        )
+        fit_texts = texts[:FIT_SENTENCES]
+        module.fit(_hidden_samples(model, args.split, fit_texts))
+        training.update(fitted_on_sentences=len(fit_texts))
+        save_checkpoint(module, kind, out / "codec.safetensors")
+    else:
+        module_args: dict[str, object] = {"latent_channels": args.latent_channels, "hidden": args.hidden}
+        if kind is CodecKind.HYPERPRIOR:
+            module_args["side_channels"] = args.side_channels
+        config = TrainConfig(
+            kind=kind,
+            split=args.split,
+            lmbda=args.lmbda,
+            steps=args.steps,
+            batch_tokens=args.batch_tokens,
+            lr=args.lr,
+            seed=args.seed,
+            module=module_args,
+        )
+        module = train_codec(model, texts, config, out, progress=None if args.no_progress else _progress_bar())
+        training.update(steps=args.steps, lr=args.lr, seed=args.seed, batch_tokens=args.batch_tokens)
+    entry = {
+        "name": name,
+        "kind": kind.label,
+        "model": model.name,
+        "model_fingerprint": model.fingerprint,
+        "split": args.split,
+        "lambda": args.lmbda if kind in (CodecKind.FACTORIZED, CodecKind.HYPERPRIOR) else None,
+        "config": module.config,
+        "training": training,
+        "command": run_info["command"],
+    }
+    (out / "entry.json").write_text(json.dumps(entry, indent=2) + "\n")
+    print(f"wrote {out / 'codec.safetensors'}")
+    if args.install:
+        target = install_checkpoint(out / "codec.safetensors", entry)
+        print(f"shipped {name} as {target}")
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(step: int, total: int, stats: dict[str, float]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        bar.update(1)
+        bar.set_postfix(bits_per_token=f"{stats['bpt']:.1f}", distortion=f"{stats['dist']:.4f}")
+        if step == total:
+            bar.close()
+
+    return update

@@ -1,0 +1,213 @@
+"""The hyperprior codec: a per-token side signal tells the decoder the mean and scale of every
+latent (Ballé et al., ICLR 2018; means as in Minnen et al., NeurIPS 2018).
+
+::
+
+    hidden (T, D) -standardise-> g_a -> y (T, C) --------------------> round(y - mu) --> ANS (scale tables)
+                                        |                                 ^   ^
+                                        h_a -> z (T, G) -round-> z_hat ---+   |
+                                                 |                  |         |
+                                   DeepFactorizedDensity -> ANS     h_s -> mu, scale index
+    y_hat = round(y - mu) + mu -> g_s -> hidden_hat
+
+At coding time ``h_s`` runs in integer arithmetic (weights in fixed point, as in Ballé et al.,
+"Integer networks for data compression with latent-variable models", ICLR 2019), so the scale index
+of every symbol is bit-identical on the encoder and the decoder whatever the machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from splitwire.codec.base import CodecKind
+from splitwire.codec.entropy import (
+    AnsStream,
+    DeepFactorizedDensity,
+    ScaleTables,
+    categorical,
+    gaussian_likelihood,
+    table_bits,
+)
+from splitwire.codec.learned import (
+    CodingModel,
+    LearnedCodec,
+    QuantMode,
+    ResidualTransform,
+    Standardizer,
+    TokenMLP,
+    principal_directions,
+    quantize,
+)
+
+FRACTION_BITS = 12  # fixed-point precision of the integer h_s, per layer
+
+
+class HyperpriorModel(CodingModel):
+    def __init__(
+        self,
+        width: int,
+        latent_channels: int = 64,
+        side_channels: int = 8,
+        hidden: int = 256,
+        layers: int = 2,
+        hyper_hidden: int = 64,
+        scale_count: int = 64,
+        scale_min: float = 0.11,
+        scale_max: float = 64.0,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "width": width,
+            "latent_channels": latent_channels,
+            "side_channels": side_channels,
+            "hidden": hidden,
+            "layers": layers,
+            "hyper_hidden": hyper_hidden,
+            "scale_count": scale_count,
+            "scale_min": scale_min,
+            "scale_max": scale_max,
+        }
+        self.channels, self.side_channels = latent_channels, side_channels
+        self.scale_min, self.scale_max = scale_min, scale_max
+        self.standardize = Standardizer(width)
+        self.g_a = ResidualTransform(width, latent_channels, hidden, layers)
+        self.g_s = ResidualTransform(latent_channels, width, hidden, layers)
+        self.h_a = TokenMLP(latent_channels, side_channels, hyper_hidden, 1, activation="relu")
+        # Exactly Linear -> ReLU -> Linear: the integer version below mirrors this shape.
+        self.h_s = TokenMLP(side_channels, 2 * latent_channels, hyper_hidden, 1, activation="relu")
+        self.side_density = DeepFactorizedDensity(side_channels)
+        self.scales = ScaleTables.default_scales(scale_count, scale_min, scale_max)
+        for name, dtype in (
+            ("side_offsets", torch.int64),
+            ("side_counts", torch.int64),
+            ("scale_half_widths", torch.int64),
+            ("scale_counts", torch.int64),
+            ("scale_thresholds", torch.int64),
+            ("hs_w1", torch.int64),
+            ("hs_b1", torch.int64),
+            ("hs_w2", torch.int64),
+            ("hs_b2", torch.int64),
+        ):
+            self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self._models: tuple[list, list] | None = None
+
+    # -- training -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fit(self, samples: torch.Tensor) -> None:
+        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent."""
+        self.standardize.fit(samples)
+        basis, std = principal_directions(self.standardize(samples), self.channels)
+        self.g_a.init_linear(basis / std)
+        self.g_s.init_linear((basis * std).t())
+
+    def _mean_scale(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_scale = self.h_s(z_hat).chunk(2, dim=-1)
+        return mean, torch.exp(log_scale).clamp(self.scale_min, self.scale_max)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.g_a(self.standardize(hidden))
+        z = self.h_a(y)
+        side_bits = -torch.log2(self.side_density.likelihood(quantize(z, QuantMode.NOISE))).sum(-1)
+        mean, scale = self._mean_scale(quantize(z, QuantMode.STE))
+        main_bits = -torch.log2(gaussian_likelihood(quantize(y, QuantMode.NOISE), mean, scale)).sum(-1)
+        y_hat = quantize(y, QuantMode.STE, offset=mean)
+        return self.standardize.inverse(self.g_s(y_hat)), main_bits + side_bits
+
+    # -- integer tables and integer h_s ---------------------------------------------------------
+
+    def update_tables(self) -> None:
+        offsets, counts = self.side_density.to_tables()
+        self.side_offsets, self.side_counts = torch.from_numpy(offsets), torch.from_numpy(counts)
+        tables = ScaleTables(self.scales)
+        width = max(len(t) for t in tables.tables)
+        padded = np.zeros((len(tables.tables), width), dtype=np.int64)
+        for i, table in enumerate(tables.tables):
+            padded[i, : len(table)] = table
+        self.scale_half_widths = torch.from_numpy(tables.half_widths)
+        self.scale_counts = torch.from_numpy(padded)
+        # Geometric midpoints between neighbouring scales, as fixed-point log-scales.
+        mids = 0.5 * (np.log(self.scales[:-1]) + np.log(self.scales[1:]))
+        self.scale_thresholds = torch.from_numpy(np.round(mids * 2.0 ** (2 * FRACTION_BITS)).astype(np.int64))
+        first, second = self.h_s.net[0], self.h_s.net[2]
+        one = 2.0**FRACTION_BITS
+        self.hs_w1 = torch.round(first.weight.double() * one).long()
+        self.hs_b1 = torch.round(first.bias.double() * one).long()
+        self.hs_w2 = torch.round(second.weight.double() * one).long()
+        self.hs_b2 = torch.round(second.bias.double() * one * one).long()
+        self._models = None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self._models = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _integer_mean_scale(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Integer side symbols ``(T, G)`` -> means ``(T, C)`` float64 and scale indices ``(T, C)``.
+
+        Pure int64 arithmetic: exact and identical everywhere.
+        """
+        hidden = np.maximum(z @ self.hs_w1.numpy().T + self.hs_b1.numpy(), 0)
+        out = hidden @ self.hs_w2.numpy().T + self.hs_b2.numpy()
+        mean_fixed, log_scale_fixed = out[:, : self.channels], out[:, self.channels :]
+        mean = mean_fixed.astype(np.float64) / 2.0 ** (2 * FRACTION_BITS)
+        index = np.searchsorted(self.scale_thresholds.numpy(), log_scale_fixed, side="left")
+        return mean, index
+
+    def _coding_models(self) -> tuple[list, list]:
+        if self._models is None:
+            side = [categorical(row[row > 0]) for row in self.side_counts.numpy()]
+            main = [categorical(row[row > 0]) for row in self.scale_counts.numpy()]
+            self._models = (side, main)
+        return self._models
+
+    def _symbols(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(T, D)`` -> side table indices ``(T, G)``, main symbols ``(T, C)``, scale indices ``(T, C)``."""
+        y = self.g_a(self.standardize(hidden.float()))
+        z = torch.round(self.h_a(y)).to(torch.int64).numpy()
+        side_lengths = (self.side_counts > 0).sum(1).numpy()
+        side_index = np.clip(z - self.side_offsets.numpy(), 0, side_lengths - 1)
+        mean, scale_index = self._integer_mean_scale(side_index + self.side_offsets.numpy())
+        half = self.scale_half_widths.numpy()[scale_index]
+        main = np.clip(np.round(y.double().numpy() - mean), -half, half).astype(np.int64)
+        return side_index, main, scale_index
+
+    def compress(self, hidden: torch.Tensor) -> bytes:
+        side_index, main, scale_index = self._symbols(hidden)
+        side_models, main_models = self._coding_models()
+        half = self.scale_half_widths.numpy()
+        stream = AnsStream()
+        # Decoding order: side channels 0..G-1, then main symbols grouped by scale index, ascending.
+        for s in np.unique(scale_index)[::-1]:
+            stream.push(main[scale_index == s] + half[s], main_models[s])
+        for g in reversed(range(self.side_channels)):
+            stream.push(side_index[:, g], side_models[g])
+        return stream.to_bytes()
+
+    def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+        side_models, main_models = self._coding_models()
+        half = self.scale_half_widths.numpy()
+        stream = AnsStream(body)
+        side_index = np.stack([stream.pop(tokens, side_models[g]) for g in range(self.side_channels)], axis=1)
+        mean, scale_index = self._integer_mean_scale(side_index.astype(np.int64) + self.side_offsets.numpy())
+        main = np.zeros((tokens, self.channels), dtype=np.int64)
+        for s in np.unique(scale_index):
+            where = scale_index == s
+            main[where] = stream.pop(int(where.sum()), main_models[s]).astype(np.int64) - half[s]
+        stream.finish()
+        y_hat = torch.from_numpy(main + mean).float()
+        return self.standardize.inverse(self.g_s(y_hat))
+
+    def estimate_bits(self, hidden: torch.Tensor) -> float:
+        side_index, main, scale_index = self._symbols(hidden)
+        side_counts, scale_counts = self.side_counts.numpy(), self.scale_counts.numpy()
+        half = self.scale_half_widths.numpy()
+        bits = sum(table_bits(side_counts[g], side_index[:, g]) for g in range(self.side_channels))
+        for s in np.unique(scale_index):
+            where = scale_index == s
+            bits += table_bits(scale_counts[s], main[where] + half[s])
+        return float(bits)
+
+
+class HyperpriorCodec(LearnedCodec):
+    kind = CodecKind.HYPERPRIOR
+    module_class = HyperpriorModel

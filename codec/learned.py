@@ -1,0 +1,232 @@
+"""What the learned codecs share: quantisation modes, per-token transforms, checkpoints on disk.
+
+A learned codec is an ``nn.Module`` (trained with likelihoods) wrapped by a :class:`~splitwire.codec.base.Codec`
+(coding with integer tables). Checkpoints are safetensors files: the module's tensors plus the integer
+tables, with the configuration as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from splitwire.codec.base import Codec, CodecKind
+from torch import nn
+
+if TYPE_CHECKING:
+    from splitwire.codec.catalog import CheckpointEntry
+
+
+class QuantMode(enum.Enum):
+    """How a latent is made discrete."""
+
+    NOISE = "noise"  # add U(-0.5, 0.5): the differentiable proxy for the rate during training
+    STE = "ste"  # round forward, identity backward: what the decoder will see, with gradients
+    ROUND = "round"  # round: inference
+
+
+def quantize(y: torch.Tensor, mode: QuantMode, offset: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Quantise ``y`` to integers around ``offset`` (a predicted mean, or 0)."""
+    if mode is QuantMode.NOISE:
+        return y + torch.empty_like(y).uniform_(-0.5, 0.5)
+    rounded = torch.round(y - offset) + offset
+    if mode is QuantMode.STE:
+        return y + (rounded - y).detach()
+    return rounded
+
+
+class TokenMLP(nn.Module):
+    """A per-token MLP ``(..., in_dim) -> (..., out_dim)``; with ``hidden == 0`` a single linear map."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, layers: int = 2, activation: str = "gelu") -> None:
+        super().__init__()
+        act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
+        modules: list[nn.Module] = []
+        width = in_dim
+        if hidden:
+            for _ in range(layers):
+                modules += [nn.Linear(width, hidden), act()]
+                width = hidden
+        modules.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ResidualTransform(nn.Module):
+    """A linear map plus a per-token MLP correction: ``x @ W + b + mlp(x)``, ``(..., in) -> (..., out)``.
+
+    The MLP's last layer starts at zero, so a fresh transform is exactly its linear part, which
+    :meth:`init_linear` can set (e.g. to a PCA basis) to start training from a sensible codec.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, layers: int = 2) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.mlp = TokenMLP(in_dim, out_dim, hidden, layers)
+        last = self.mlp.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    @torch.no_grad()
+    def init_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """``weight`` ``(in, out)``."""
+        self.linear.weight.copy_(weight.t())
+        self.linear.bias.copy_(bias if bias is not None else torch.zeros_like(self.linear.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.mlp(x)
+
+
+def principal_directions(samples: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``count`` principal directions ``(D, count)`` of centred ``samples`` ``(N, D)`` and their std."""
+    centred = samples.double() - samples.double().mean(0)
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    std = singular[:count] / max(1, samples.shape[0] - 1) ** 0.5
+    return vh[:count].t().float(), std.float()
+
+
+class Standardizer(nn.Module):
+    """Per-channel affine normalisation with statistics fitted on training data (buffers, not learned)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    @torch.no_grad()
+    def fit(self, samples: torch.Tensor) -> None:
+        """``samples`` ``(N, width)``: hidden states of real tokens."""
+        self.mean.copy_(samples.mean(0))
+        self.std.copy_(samples.std(0).clamp_min(1e-3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+class CodingModel(nn.Module):
+    """Base of the trainable codec modules: likelihoods for training and coding side by side.
+
+    ``forward`` returns ``(hidden_hat, bits)`` for training; ``update_tables()`` builds the integer
+    tables (registered buffers, saved with the state dict); ``compress()`` and ``decompress()`` code
+    one sequence with them.
+    """
+
+    config: dict[str, object]
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, D)`` -> reconstruction ``(B, T, D)`` and estimated bits per token ``(B, T)``."""
+        raise NotImplementedError
+
+    def update_tables(self) -> None:
+        """Rebuild the integer coding tables from the current parameters."""
+        raise NotImplementedError
+
+    def compress(self, hidden: torch.Tensor) -> bytes:
+        """``(T, D)`` -> body bytes."""
+        raise NotImplementedError
+
+    def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+        """Body bytes -> ``(tokens, D)``; raises BitstreamError on malformed input."""
+        raise NotImplementedError
+
+    def estimate_bits(self, hidden: torch.Tensor) -> float:
+        """Ideal code length of ``(T, D)`` under the integer tables (what compress() should approach)."""
+        raise NotImplementedError
+
+    def fit(self, samples: torch.Tensor) -> None:
+        """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        # Table buffers change shape with training; size them to the checkpoint's before loading.
+        for name, tensor in state_dict.items():
+            try:
+                buffer = self.get_buffer(name)
+            except AttributeError:
+                continue
+            if buffer.shape != tensor.shape:
+                buffer.resize_(tensor.shape)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class LearnedCodec(Codec):
+    """A codec around a trained :class:`CodingModel`; coding happens in the module's integer tables."""
+
+    module_class: type[CodingModel]
+
+    def __init__(self, name: str, width: int, module: CodingModel, splits: tuple[int, ...] = ()) -> None:
+        super().__init__(name, width, splits)
+        self.module = module.eval().requires_grad_(False)
+
+    def encode(self, hidden: torch.Tensor) -> bytes:
+        with torch.inference_mode():
+            return self.module.compress(hidden)
+
+    def decode(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module.decompress(body, tokens)
+
+    def estimate_bits(self, hidden: torch.Tensor) -> float:
+        with torch.inference_mode():
+            return self.module.estimate_bits(hidden)
+
+    def config(self) -> dict[str, object]:
+        return {**super().config(), **self.module.config}
+
+    def parameters_for_fingerprint(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.module.state_dict().items())
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.module, self.kind, path)
+
+
+def save_checkpoint(module: CodingModel, kind: CodecKind, path: Path) -> None:
+    """Write ``module`` (its config, weights and integer tables) to a safetensors file."""
+    module.update_tables()
+    tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    metadata = {"kind": kind.label, "config": json.dumps(module.config, sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_checkpoint(path: Path) -> tuple[str, dict[str, object], dict[str, torch.Tensor]]:
+    """(kind label, config, tensors) of a checkpoint file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return metadata["kind"], json.loads(metadata["config"]), load_file(str(path))
+
+
+def load_learned_codec(entry: CheckpointEntry, width: int) -> Codec:
+    """Instantiate the codec a manifest entry points to."""
+    from splitwire.codec.factorized import FactorizedCodec
+    from splitwire.codec.fitted import PcaCodec, UniformCodec
+    from splitwire.codec.hyperprior import HyperpriorCodec
+
+    classes: dict[CodecKind, type[LearnedCodec]] = {
+        CodecKind.FACTORIZED: FactorizedCodec,
+        CodecKind.HYPERPRIOR: HyperpriorCodec,
+        CodecKind.UNIFORM: UniformCodec,
+        CodecKind.PCA: PcaCodec,
+    }
+    kind_label, config, tensors = read_checkpoint(entry.file)
+    codec_class = classes[entry.kind]
+    if kind_label != entry.kind.label:
+        raise ValueError(f"{entry.file}: checkpoint holds a {kind_label} codec, the manifest says {entry.kind.label}")
+    if int(config["width"]) != width:
+        raise ValueError(f"{entry.file}: codec width {config['width']} does not match model width {width}")
+    module = codec_class.module_class(**config)
+    module.load_state_dict(tensors)
+    codec = codec_class(entry.name, width, module, splits=(entry.split,))
+    codec.expected_bits_per_token = entry.expected_bits_per_token
+    return codec

@@ -1,0 +1,199 @@
+"""Rate-distortion training of a learned codec at a model's split point.
+
+::
+
+    text -> front [0, k) (frozen) -> hidden -> codec(noise/STE) -> hidden_hat -> back [k, L) (frozen) -> output
+                                                   |                                            |
+                                                 bits                       distortion vs. the unsplit output
+    loss = bits per token + lambda * distortion
+
+Distortion is task-level: for encoders 1 - cosine to the unsplit sentence embedding, for decoders the
+KL divergence from the unsplit next-token distribution. The model stays frozen (one served model fits
+every codec); gradients flow through the back half's activations only. Training is seeded and
+resumable: state is saved every ``checkpoint_every`` steps and picked up again by the same call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from splitwire.codec.base import CodecKind
+from splitwire.codec.factorized import FactorizedModel
+from splitwire.codec.hyperprior import HyperpriorModel
+from splitwire.codec.learned import CodingModel, save_checkpoint
+from splitwire.split.cut import Cut, SplitModel
+from splitwire.split.models import LoadedModel, ModelFamily
+
+log = logging.getLogger(__name__)
+
+TRAINABLE: dict[CodecKind, type[CodingModel]] = {
+    CodecKind.FACTORIZED: FactorizedModel,
+    CodecKind.HYPERPRIOR: HyperpriorModel,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    kind: CodecKind
+    split: int
+    lmbda: float  # weight of the distortion against bits per token
+    steps: int = 3000
+    batch_tokens: int = 1024  # tokens per batch (sequences of similar length are grouped)
+    lr: float = 1e-3
+    seed: int = 0
+    max_tokens: int = 64  # longer training sequences are truncated
+    checkpoint_every: int = 250
+    module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    token_mask: torch.Tensor  # (B, T) bool
+    index: torch.Tensor  # (B,) rows of the teacher table
+
+
+def _batches(model: LoadedModel, texts: list[str], config: TrainConfig, rng: random.Random) -> Iterator[Batch]:
+    """Endless batches of similar-length sequences, in a seeded random order."""
+    encoded = model.tokenizer(texts, truncation=True, max_length=config.max_tokens)["input_ids"]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        current.append(i)
+        if len(current) * len(encoded[i]) >= config.batch_tokens:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    while True:
+        rng.shuffle(groups)
+        for group in groups:
+            longest = max(len(encoded[i]) for i in group)
+            ids = torch.zeros(len(group), longest, dtype=torch.long)
+            mask = torch.zeros(len(group), longest, dtype=torch.bool)
+            for row, i in enumerate(group):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = True
+            yield Batch(ids, mask, torch.tensor(group))
+
+
+def _teacher_outputs(model: LoadedModel, texts: list[str], config: TrainConfig) -> torch.Tensor:
+    """Unsplit outputs for every text: embeddings (encoders) or log-probabilities per position (decoders)."""
+    split_model = SplitModel(model)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 128):
+            ids, mask = model.tokenize(texts[start : start + 128])
+            ids, mask = ids[:, : config.max_tokens], mask[:, : config.max_tokens]
+            outputs.append(split_model.run_unsplit(ids, mask))
+    return torch.cat(outputs)
+
+
+def encoder_distortion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity to the unsplit sentence embedding, per sequence."""
+    return 1.0 - F.cosine_similarity(output, target, dim=-1)
+
+
+def build_module(model: LoadedModel, config: TrainConfig) -> CodingModel:
+    if config.kind not in TRAINABLE:
+        raise ValueError(f"{config.kind.label} is not trainable; choose {', '.join(k.label for k in TRAINABLE)}")
+    return TRAINABLE[config.kind](width=model.hidden_size, **config.module)
+
+
+def train_codec(
+    model: LoadedModel,
+    texts: list[str],
+    config: TrainConfig,
+    out_dir: Path,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> CodingModel:
+    """Train (or resume training) a codec and write ``out_dir/codec.safetensors``. Returns the module."""
+    if model.family is not ModelFamily.ENCODER:
+        raise NotImplementedError("codec training for decoder models is not implemented yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    split_model = SplitModel(model)
+    cut = Cut(model.num_blocks, config.split)
+    module = build_module(model, config)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
+    state_path = out_dir / "state.pt"
+    step = 0
+
+    teacher_path = out_dir / "teacher.pt"
+    if teacher_path.exists():
+        teacher = torch.load(teacher_path)
+    else:
+        teacher = _teacher_outputs(model, texts, config)
+        torch.save(teacher, teacher_path)
+
+    batches = _batches(model, texts, config, rng)
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{state_path} was written with another configuration; use a fresh --out folder")
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        batches = _batches(model, texts, config, rng)
+        log.info("resumed %s at step %d", out_dir, step)
+    else:
+        _fit_to_data(module, split_model, cut, batches)
+
+    def lr_at(s: int) -> float:  # cosine decay to 5%
+        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+
+    module.train()
+    while step < config.steps:
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.no_grad():
+            hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
+        hidden_hat, bits = module(hidden)
+        output = split_model.run_back(cut, hidden_hat, batch.token_mask)
+        distortion = encoder_distortion(output, teacher[batch.index]).mean()
+        tokens = batch.token_mask.sum()
+        bits_per_token = (bits * batch.token_mask).sum() / tokens
+        loss = bits_per_token + config.lmbda * distortion
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
+        optimizer.step()
+        step += 1
+        if progress is not None:
+            progress(step, config.steps, {"bpt": bits_per_token.item(), "dist": distortion.item()})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            state = {
+                "config": asdict(config),
+                "module": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            torch.save(state, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)
+    module.eval()
+    save_checkpoint(module, config.kind, out_dir / "codec.safetensors")
+    return module
+
+
+def _fit_to_data(module: CodingModel, split_model: SplitModel, cut: Cut, batches: Iterator[Batch]) -> None:
+    samples = []
+    with torch.no_grad():
+        for _ in range(20):
+            batch = next(batches)
+            hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
+            samples.append(hidden[batch.token_mask])
+    module.fit(torch.cat(samples))
