@@ -92,7 +92,7 @@ def run_through_codec(model: LoadedModel, cut: Cut, codec: Codec | None, texts: 
                 continue
             hidden = split_model.run_front(cut, ids, mask)[0]
             t0 = time.perf_counter()
-            payload = codec.encode_payload(hidden)
+            payload = codec.encode_sequence(hidden)
             t1 = time.perf_counter()
             header, decoded = codec.decode_payload(payload)
             t2 = time.perf_counter()
@@ -101,7 +101,8 @@ def run_through_codec(model: LoadedModel, cut: Cut, codec: Codec | None, texts: 
             payload_bytes += len(payload)
             estimated += codec.estimate_bits(hidden)
             positions = torch.from_numpy(np.flatnonzero(header.kept_mask()))[None]
-            outputs.append(split_model.run_back(cut, decoded[None], mask, positions)[0])
+            kept = torch.ones(1, decoded.shape[0], dtype=torch.bool)
+            outputs.append(split_model.run_back(cut, decoded[None], kept, positions)[0])
     return Coded(torch.stack(outputs), payload_bytes, estimated, tokens, encode_s, decode_s, len(texts))
 
 
@@ -132,7 +133,7 @@ def codec_overhead_ratio(model: LoadedModel, cut: Cut, codec: Codec, tokens: int
             t0 = time.perf_counter()
             hidden = split_model.run_front(cut, ids, mask)[0]
             t1 = time.perf_counter()
-            codec.decode_payload(codec.encode_payload(hidden))
+            codec.decode_payload(codec.encode_sequence(hidden))
             t2 = time.perf_counter()
             if i >= 5:
                 front_times.append(t1 - t0)

@@ -85,7 +85,18 @@ class Codec(ABC):
         """Ideal code length of ``hidden`` under the codec's model (-log2 likelihood); real bits by default."""
         return 8.0 * len(self.encode(hidden))
 
+    def select_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
+        """Which of ``(T, D)``'s tokens to send, ``(T,)`` bool; None (the default) sends all of them."""
+        return None
+
     # -- container ----------------------------------------------------------------------------
+
+    def encode_sequence(self, hidden: torch.Tensor) -> bytes:
+        """A whole sequence's hidden states ``(T, D)`` -> payload, dropping tokens the codec selects out."""
+        keep = self.select_tokens(hidden)
+        if keep is None or keep.all():
+            return self.encode_payload(hidden)
+        return self.encode_payload(hidden[torch.from_numpy(keep)], token_mask=keep)
 
     def encode_payload(self, hidden: torch.Tensor, token_mask: np.ndarray | None = None) -> bytes:
         """Hidden states of kept tokens ``(T_kept, D)`` -> payload with header.

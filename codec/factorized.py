@@ -22,6 +22,7 @@ from splitwire.codec.learned import (
     QuantMode,
     ResidualTransform,
     Standardizer,
+    TokenGate,
     principal_directions,
     quantize,
 )
@@ -29,9 +30,17 @@ from torch import nn
 
 
 class FactorizedModel(CodingModel):
-    def __init__(self, width: int, latent_channels: int = 0, hidden: int = 256, layers: int = 2) -> None:
+    def __init__(
+        self, width: int, latent_channels: int = 0, hidden: int = 256, layers: int = 2, token_gate: bool = False
+    ) -> None:
         super().__init__()
-        self.config = {"width": width, "latent_channels": latent_channels, "hidden": hidden, "layers": layers}
+        self.config = {
+            "width": width,
+            "latent_channels": latent_channels,
+            "hidden": hidden,
+            "layers": layers,
+            "token_gate": token_gate,
+        }
         channels = latent_channels or width
         self.channels = channels
         self.standardize = Standardizer(width)
@@ -43,6 +52,7 @@ class FactorizedModel(CodingModel):
             self.g_s = nn.Identity()
         self.log_step = nn.Parameter(torch.zeros(channels))
         self.density = DeepFactorizedDensity(channels)
+        self.gate = TokenGate(width) if token_gate else None
         self.register_buffer("table_offsets", torch.zeros(0, dtype=torch.int64))
         self.register_buffer("table_counts", torch.zeros(0, 0, dtype=torch.int64))
         self._models: list | None = None

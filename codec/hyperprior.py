@@ -34,6 +34,7 @@ from splitwire.codec.learned import (
     QuantMode,
     ResidualTransform,
     Standardizer,
+    TokenGate,
     TokenMLP,
     principal_directions,
     quantize,
@@ -54,6 +55,7 @@ class HyperpriorModel(CodingModel):
         scale_count: int = 64,
         scale_min: float = 0.11,
         scale_max: float = 64.0,
+        token_gate: bool = False,
     ) -> None:
         super().__init__()
         self.config = {
@@ -66,6 +68,7 @@ class HyperpriorModel(CodingModel):
             "scale_count": scale_count,
             "scale_min": scale_min,
             "scale_max": scale_max,
+            "token_gate": token_gate,
         }
         self.channels, self.side_channels = latent_channels, side_channels
         self.scale_min, self.scale_max = scale_min, scale_max
@@ -76,6 +79,7 @@ class HyperpriorModel(CodingModel):
         # Exactly Linear -> ReLU -> Linear: the integer version below mirrors this shape.
         self.h_s = TokenMLP(side_channels, 2 * latent_channels, hyper_hidden, 1, activation="relu")
         self.side_density = DeepFactorizedDensity(side_channels)
+        self.gate = TokenGate(width) if token_gate else None
         self.scales = ScaleTables.default_scales(scale_count, scale_min, scale_max)
         for name, dtype in (
             ("side_offsets", torch.int64),
@@ -89,7 +93,7 @@ class HyperpriorModel(CodingModel):
             ("hs_b2", torch.int64),
         ):
             self.register_buffer(name, torch.zeros(0, dtype=dtype))
-        self._models: tuple[list, list] | None = None
+        self._models: tuple[list, list, tuple[np.ndarray, ...]] | None = None
 
     # -- training -------------------------------------------------------------------------------
 
@@ -144,21 +148,39 @@ class HyperpriorModel(CodingModel):
     def _integer_mean_scale(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Integer side symbols ``(T, G)`` -> means ``(T, C)`` float64 and scale indices ``(T, C)``.
 
-        Pure int64 arithmetic: exact and identical everywhere.
+        Integer arithmetic carried out in float64: every product and partial sum is an integer below
+        2**53 (checked when the tables are built), so the result is exact whatever the summation order,
+        hence identical on every machine.
         """
-        hidden = np.maximum(z @ self.hs_w1.numpy().T + self.hs_b1.numpy(), 0)
-        out = hidden @ self.hs_w2.numpy().T + self.hs_b2.numpy()
-        mean_fixed, log_scale_fixed = out[:, : self.channels], out[:, self.channels :]
-        mean = mean_fixed.astype(np.float64) / 2.0 ** (2 * FRACTION_BITS)
-        index = np.searchsorted(self.scale_thresholds.numpy(), log_scale_fixed, side="left")
+        w1, b1, w2, b2 = self._float_side_network()
+        hidden = np.maximum(z.astype(np.float64) @ w1 + b1, 0.0)
+        out = hidden @ w2 + b2
+        mean = out[:, : self.channels] / 2.0 ** (2 * FRACTION_BITS)
+        index = np.searchsorted(self.scale_thresholds.numpy(), out[:, self.channels :], side="left")
         return mean, index
 
-    def _coding_models(self) -> tuple[list, list]:
+    def _float_side_network(self) -> tuple[np.ndarray, ...]:
+        models = self._coding_models()
+        return models[2]
+
+    def _coding_models(self) -> tuple[list, list, tuple[np.ndarray, ...]]:
         if self._models is None:
             side = [categorical(row[row > 0]) for row in self.side_counts.numpy()]
             main = [categorical(row[row > 0]) for row in self.scale_counts.numpy()]
-            self._models = (side, main)
+            self._models = (side, main, self._checked_side_network())
         return self._models
+
+    def _checked_side_network(self) -> tuple[np.ndarray, ...]:
+        """The integer h_s as float64 arrays, after proving its arithmetic stays exact."""
+        w1, b1, w2, b2 = (t.numpy().astype(np.float64) for t in (self.hs_w1, self.hs_b1, self.hs_w2, self.hs_b2))
+        lengths = (self.side_counts > 0).sum(1).numpy()
+        offsets = self.side_offsets.numpy()
+        largest_z = float(np.max(np.maximum(np.abs(offsets), np.abs(offsets + lengths - 1))))
+        largest_hidden = largest_z * np.abs(w1).sum(1).max() + np.abs(b1).max()
+        largest_out = largest_hidden * np.abs(w2).sum(1).max() + np.abs(b2).max()
+        if largest_out >= 2.0**52:
+            raise ValueError("side network weights are too large for exact fixed-point evaluation")
+        return w1.T.copy(), b1, w2.T.copy(), b2
 
     def _symbols(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(T, D)`` -> side table indices ``(T, G)``, main symbols ``(T, C)``, scale indices ``(T, C)``."""
@@ -171,30 +193,46 @@ class HyperpriorModel(CodingModel):
         main = np.clip(np.round(y.double().numpy() - mean), -half, half).astype(np.int64)
         return side_index, main, scale_index
 
+    @staticmethod
+    def _groups(scale_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Main symbols grouped by scale index: flat positions in coding order, group indices, group sizes."""
+        flat = scale_index.ravel()
+        order = np.argsort(flat, kind="stable")
+        present, sizes = np.unique(flat[order], return_counts=True)
+        return order, present, sizes
+
     def compress(self, hidden: torch.Tensor) -> bytes:
         side_index, main, scale_index = self._symbols(hidden)
-        side_models, main_models = self._coding_models()
+        side_models, main_models, _ = self._coding_models()
         half = self.scale_half_widths.numpy()
+        order, present, sizes = self._groups(scale_index)
+        values = main.ravel()[order]
+        ends = np.cumsum(sizes)
         stream = AnsStream()
         # Decoding order: side channels 0..G-1, then main symbols grouped by scale index, ascending.
-        for s in np.unique(scale_index)[::-1]:
-            stream.push(main[scale_index == s] + half[s], main_models[s])
+        for s, end, size in zip(present[::-1], ends[::-1], sizes[::-1], strict=True):
+            stream.push(values[end - size : end] + half[s], main_models[s])
         for g in reversed(range(self.side_channels)):
             stream.push(side_index[:, g], side_models[g])
         return stream.to_bytes()
 
     def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
-        side_models, main_models = self._coding_models()
+        side_models, main_models, _ = self._coding_models()
         half = self.scale_half_widths.numpy()
         stream = AnsStream(body)
         side_index = np.stack([stream.pop(tokens, side_models[g]) for g in range(self.side_channels)], axis=1)
         mean, scale_index = self._integer_mean_scale(side_index.astype(np.int64) + self.side_offsets.numpy())
-        main = np.zeros((tokens, self.channels), dtype=np.int64)
-        for s in np.unique(scale_index):
-            where = scale_index == s
-            main[where] = stream.pop(int(where.sum()), main_models[s]).astype(np.int64) - half[s]
+        order, present, sizes = self._groups(scale_index)
+        values = np.concatenate(
+            [
+                stream.pop(int(size), main_models[s]).astype(np.int64) - half[s]
+                for s, size in zip(present, sizes, strict=True)
+            ]
+        )
         stream.finish()
-        y_hat = torch.from_numpy(main + mean).float()
+        main = np.empty(tokens * self.channels, dtype=np.int64)
+        main[order] = values
+        y_hat = torch.from_numpy(main.reshape(tokens, self.channels) + mean).float()
         return self.standardize.inverse(self.g_s(y_hat))
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from splitwire.codec.base import Codec, CodecKind
@@ -91,6 +92,36 @@ def principal_directions(samples: torch.Tensor, count: int) -> tuple[torch.Tenso
     return vh[:count].t().float(), std.float()
 
 
+class TokenGate(nn.Module):
+    """Per-token keep/drop decision made on the edge, so dropped tokens cost no bits (after Tan 2023,
+    Infor-Coef). Training relaxes the decision to a weight in (0, 1) with logistic noise; serving
+    keeps the tokens whose logit exceeds a threshold (the bitrate knob), always at least one.
+    """
+
+    def __init__(self, width: int, hidden: int = 64, temperature: float = 2.0 / 3.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.temperature = temperature
+        nn.init.constant_(self.net[-1].bias, 3.0)  # start by keeping everything
+
+    def logits(self, standardized: torch.Tensor) -> torch.Tensor:
+        """``(..., T, D)`` standardised hidden states -> keep logits ``(..., T)``."""
+        return self.net(standardized).squeeze(-1)
+
+    def relaxed(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Training weights in (0, 1): a binary-concrete sample per token."""
+        u = torch.rand_like(standardized[..., 0]).clamp(1e-6, 1 - 1e-6)
+        noise = torch.log(u) - torch.log1p(-u)
+        return torch.sigmoid((self.logits(standardized) + noise) / self.temperature)
+
+    def keep(self, standardized: torch.Tensor, threshold: float = 0.0) -> np.ndarray:
+        """``(T, D)`` -> ``(T,)`` bool; the highest-scoring token is always kept."""
+        logits = self.logits(standardized)
+        kept = (logits > threshold).numpy()
+        kept[int(torch.argmax(logits))] = True
+        return kept
+
+
 class Standardizer(nn.Module):
     """Per-channel affine normalisation with statistics fitted on training data (buffers, not learned)."""
 
@@ -146,6 +177,14 @@ class CodingModel(nn.Module):
         """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training."""
         raise NotImplementedError
 
+    gate: TokenGate | None = None
+
+    def keep_mask(self, hidden: torch.Tensor) -> np.ndarray | None:
+        """Which tokens of ``(T, D)`` to send; None when the codec sends every token."""
+        if self.gate is None:
+            return None
+        return self.gate.keep(self.standardize(hidden.float()))
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         # Table buffers change shape with training; size them to the checkpoint's before loading.
         for name, tensor in state_dict.items():
@@ -178,6 +217,10 @@ class LearnedCodec(Codec):
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         with torch.inference_mode():
             return self.module.estimate_bits(hidden)
+
+    def select_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
+        with torch.inference_mode():
+            return self.module.keep_mask(hidden)
 
     def config(self) -> dict[str, object]:
         return {**super().config(), **self.module.config}

@@ -161,7 +161,11 @@ def train_codec(
         with torch.no_grad():
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
         hidden_hat, bits = module(hidden)
-        output = split_model.run_back(cut, hidden_hat, batch.token_mask)
+        weights = None
+        if module.gate is not None:  # dropped tokens cost no bits; the back half sees them fade out
+            weights = module.gate.relaxed(module.standardize(hidden))
+            bits = bits * weights
+        output = split_model.run_back(cut, hidden_hat, batch.token_mask, token_weights=weights)
         distortion = encoder_distortion(output, teacher[batch.index]).mean()
         tokens = batch.token_mask.sum()
         bits_per_token = (bits * batch.token_mask).sum() / tokens
@@ -172,7 +176,10 @@ def train_codec(
         optimizer.step()
         step += 1
         if progress is not None:
-            progress(step, config.steps, {"bpt": bits_per_token.item(), "dist": distortion.item()})
+            stats = {"bpt": bits_per_token.item(), "dist": distortion.item()}
+            if weights is not None:
+                stats["kept"] = ((weights > 0.5) & batch.token_mask).sum().item() / tokens.item()
+            progress(step, config.steps, stats)
         if step % config.checkpoint_every == 0 or step == config.steps:
             state = {
                 "config": asdict(config),

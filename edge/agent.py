@@ -185,7 +185,7 @@ class EdgeAgent:
         with torch.inference_mode():
             hidden = self._split_model.run_front(self.cut, input_ids, token_mask)[0]
         t2 = time.perf_counter()
-        payload = self.codec.encode_payload(hidden)
+        payload = self.codec.encode_sequence(hidden)
         t3 = time.perf_counter()
         timings.update(tokenize=1000 * (t1 - t0), front=1000 * (t2 - t1), encode=1000 * (t3 - t2))
         request = pb.InferRequest(

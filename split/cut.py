@@ -76,16 +76,26 @@ def positions_from_mask(token_mask: torch.Tensor) -> torch.Tensor:
     return (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def attention_bias(token_mask: torch.Tensor, positions: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(
+    token_mask: torch.Tensor,
+    positions: torch.Tensor,
+    causal: bool,
+    dtype: torch.dtype,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Additive attention mask: 0 where a query may attend a key, the dtype's minimum elsewhere.
 
     Bidirectional: ``(B, 1, 1, T)``, keys masked by ``token_mask``. Causal: ``(B, 1, T, T)``, a query
-    also sees only keys at positions not after its own.
+    also sees only keys at positions not after its own. ``token_weights`` ``(B, T)`` in (0, 1] scale
+    each key's attention (``log w`` is added): the differentiable form of dropping tokens, used in
+    training; 1 everywhere is the plain mask.
     """
     allowed = token_mask[:, None, None, :]
     if causal:
         allowed = allowed & (positions[:, None, None, :] <= positions[:, None, :, None])
     bias = torch.zeros(allowed.shape, dtype=dtype, device=token_mask.device)
+    if token_weights is not None:
+        bias = bias + torch.log(token_weights.clamp_min(1e-6)).to(dtype)[:, None, None, :]
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
@@ -122,11 +132,12 @@ class SplitModel:
         token_mask: torch.Tensor,
         blocks: BlockRange,
         positions: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run ``blocks`` on ``hidden`` ``(B, T, D)``; padding is where ``token_mask`` ``(B, T)`` is False.
 
         ``positions`` ``(B, T)`` defaults to the rank of each token among the real ones; pass the original
-        positions when tokens were dropped before the split.
+        positions when tokens were dropped before the split. ``token_weights``: see :func:`attention_bias`.
         """
         if blocks.end > len(self._layers):
             raise InvalidSplitError(f"block range [{blocks.start}, {blocks.end}) exceeds {len(self._layers)} blocks")
@@ -134,7 +145,7 @@ class SplitModel:
             return hidden
         if positions is None:
             positions = positions_from_mask(token_mask)
-        bias = attention_bias(token_mask, positions, self.causal, hidden.dtype)
+        bias = attention_bias(token_mask, positions, self.causal, hidden.dtype, token_weights)
         kwargs = {}
         if self.causal:
             kwargs = {"position_ids": positions, "position_embeddings": self._rotary(hidden, positions)}
@@ -142,17 +153,22 @@ class SplitModel:
             hidden = layer(hidden, attention_mask=bias, **kwargs)
         return hidden
 
-    def head(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def head(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor, token_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Output of the last block ``(B, T, D)`` -> answer.
 
-        Encoder: mean over real tokens, L2-normalised, ``(B, D)``. Decoder: next-token logits after the
-        last real token, ``(B, V)``.
+        Encoder: mean over real tokens (weighted by ``token_weights`` when given), L2-normalised,
+        ``(B, D)``. Decoder: next-token logits after the last real token, ``(B, V)``.
         """
         if self.causal:
             last = token_mask.long().sum(dim=1).clamp(min=1) - 1
             final = self._final_norm(hidden[torch.arange(hidden.shape[0]), last])
             return self._lm_head(final)
-        weights = token_mask.to(hidden.dtype).unsqueeze(-1)
+        weights = token_mask.to(hidden.dtype)
+        if token_weights is not None:
+            weights = weights * token_weights.to(hidden.dtype)
+        weights = weights.unsqueeze(-1)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2, dim=-1)
 
@@ -166,9 +182,11 @@ class SplitModel:
         hidden: torch.Tensor,
         token_mask: torch.Tensor,
         positions: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cloud half: hidden state at the split ``(B, T, D)`` -> answer (see :meth:`head`)."""
-        return self.head(self.blocks(hidden, token_mask, cut.back, positions), token_mask)
+        hidden = self.blocks(hidden, token_mask, cut.back, positions, token_weights)
+        return self.head(hidden, token_mask, token_weights)
 
     def run_unsplit(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """The whole model in one process: the reference every split is measured against."""
