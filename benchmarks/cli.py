@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--latent-channels", type=int, default=64, help="factorized (0: no transform), hyperprior")
     train.add_argument("--side-channels", type=int, default=8, help="hyperprior")
     train.add_argument("--hidden", type=int, default=256, help="width of the transforms' hidden layers")
+    train.add_argument("--layers", type=int, default=2, help="hidden layers of each transform")
+    train.add_argument("--scale-count", type=int, default=64, help="hyperprior: Gaussian scales in the table")
+    train.add_argument("--scale-max", type=float, default=64.0, help="hyperprior: largest scale in the table")
+    train.add_argument("--token-gate", action="store_true", help="learn to drop tokens on the edge")
     train.add_argument("--step", type=float, default=0.5, help="uniform, pca: quantisation step in standard deviations")
     train.add_argument("--components", type=int, default=64, help="pca")
     train.add_argument(

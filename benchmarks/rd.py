@@ -99,11 +99,16 @@ def run_through_codec(model: LoadedModel, cut: Cut, codec: Codec | None, texts: 
             encode_s += t1 - t0
             decode_s += t2 - t1
             payload_bytes += len(payload)
-            estimated += codec.estimate_bits(hidden)
+            estimated += codec.estimate_bits(decoded_input(hidden, header))
             positions = torch.from_numpy(np.flatnonzero(header.kept_mask()))[None]
             kept = torch.ones(1, decoded.shape[0], dtype=torch.bool)
             outputs.append(split_model.run_back(cut, decoded[None], kept, positions)[0])
     return Coded(torch.stack(outputs), payload_bytes, estimated, tokens, encode_s, decode_s, len(texts))
+
+
+def decoded_input(hidden: torch.Tensor, header) -> torch.Tensor:
+    """The rows of ``hidden`` ``(T, D)`` the payload carries (the kept tokens)."""
+    return hidden if header.token_mask is None else hidden[torch.from_numpy(header.token_mask)]
 
 
 def spearman_x100(predicted: np.ndarray, gold: np.ndarray) -> float:

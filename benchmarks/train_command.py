@@ -78,9 +78,14 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         training.update(fitted_on_sentences=len(fit_texts))
         save_checkpoint(module, kind, out / "codec.safetensors")
     else:
-        module_args: dict[str, object] = {"latent_channels": args.latent_channels, "hidden": args.hidden}
+        module_args: dict[str, object] = {
+            "latent_channels": args.latent_channels,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "token_gate": args.token_gate,
+        }
         if kind is CodecKind.HYPERPRIOR:
-            module_args["side_channels"] = args.side_channels
+            module_args.update(side_channels=args.side_channels, scale_count=args.scale_count, scale_max=args.scale_max)
         config = TrainConfig(
             kind=kind,
             split=args.split,

@@ -2,14 +2,14 @@
 
 Training sees differentiable likelihoods; coding sees integer probability tables built once by
 ``to_tables()`` and stored in the checkpoint, so encoder and decoder use identical numbers on any
-machine. Symbols go to constriction's ANS coder a whole array per call.
+machine. Symbols go to constriction's range coder a whole array per call.
 
 * :class:`DeepFactorizedDensity` -- Ballé et al., "Variational image compression with a scale
   hyperprior" (ICLR 2018), appendix 6.1: a per-channel univariate CDF ``sigmoid(f(x))`` with ``f``
   a small monotonic network.
 * :func:`gaussian_likelihood` -- a Gaussian convolved with a unit box, for the hyperprior's main latent.
 * :class:`ScaleTables` -- zero-mean discretised Gaussians at fixed scales (CompressAI's scale table).
-* :class:`AnsStream` -- one ANS stack per payload, serialised with the top word's zero bytes trimmed.
+* :class:`CodedStream` -- one range-coded stream per payload, serialised with trailing zero bytes trimmed.
 """
 
 from __future__ import annotations
@@ -65,61 +65,71 @@ def categorical(counts: np.ndarray) -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
 
 
-# -- the ANS stream ---------------------------------------------------------------------------------
+# -- the coded stream ------------------------------------------------------------------------------
 
 
-class AnsStream:
-    """One ANS stack per payload. Push groups of symbols in reverse decoding order; pop in order.
+class CodedStream:
+    """One range-coded stream per payload: symbols are pushed and popped in the same order (a queue).
 
-    Serialisation: constriction's uint32 words, little-endian, with the zero high bytes of the last
-    word dropped (ANS data never ends in a zero word, so padding restores it exactly).
+    A range coder ends about a byte closer to the ideal code length than constriction's ANS coder
+    does, which matters for payloads of a few dozen bytes. Serialisation: constriction's uint32 words,
+    little-endian, with trailing zero bytes of the last word dropped (the reader pads them back).
     """
 
     def __init__(self, body: bytes | memoryview | None = None) -> None:
         if body is None:
-            self._coder = constriction.stream.stack.AnsCoder()
+            self._encoder: constriction.stream.queue.RangeEncoder | None = constriction.stream.queue.RangeEncoder()
+            self._decoder = None
             return
         data = bytes(body)
         if len(data) % 4:
             data += b"\0" * (4 - len(data) % 4)
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        self._encoder = None
         try:
-            self._coder = constriction.stream.stack.AnsCoder(words)
+            self._decoder = constriction.stream.queue.RangeDecoder(words)
         except ValueError as exc:
             raise BitstreamError(f"invalid entropy-coded data: {exc}") from None
 
     def push(self, symbols: np.ndarray, model: constriction.stream.model.Categorical) -> None:
-        """Encode ``symbols`` (indices into the model's table) so that :meth:`pop` returns them in order."""
+        """Encode ``symbols`` (indices into the model's table)."""
+        assert self._encoder is not None, "push() on a stream opened for reading"
         if symbols.size:
-            self._coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), model)
+            self._encoder.encode(np.ascontiguousarray(symbols, dtype=np.int32), model)
 
     def pop(self, count: int, model: constriction.stream.model.Categorical) -> np.ndarray:
+        """Decode ``count`` symbols pushed with ``model``."""
+        assert self._decoder is not None, "pop() on a stream opened for writing"
         if count == 0:
             return np.zeros(0, dtype=np.int32)
         try:
-            return self._coder.decode(model, count)
-        except (ValueError, RuntimeError) as exc:
+            return self._decoder.decode(model, count)
+        except (ValueError, RuntimeError, AssertionError) as exc:  # constriction's errors for undecodable data
             raise BitstreamError(f"entropy decoding failed: {exc}") from None
 
     def push_rows(self, symbols: np.ndarray, family: object, probabilities: np.ndarray) -> None:
         """Encode ``symbols`` ``(N,)``, each with its own row of ``probabilities`` ``(N, S)``."""
+        assert self._encoder is not None, "push_rows() on a stream opened for reading"
         if symbols.size:
-            self._coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), family, probabilities)
+            self._encoder.encode(np.ascontiguousarray(symbols, dtype=np.int32), family, probabilities)
 
     def pop_rows(self, family: object, probabilities: np.ndarray) -> np.ndarray:
+        assert self._decoder is not None, "pop_rows() on a stream opened for writing"
         try:
-            return self._coder.decode(family, probabilities)
-        except (ValueError, RuntimeError) as exc:
+            return self._decoder.decode(family, probabilities)
+        except (ValueError, RuntimeError, AssertionError) as exc:  # constriction's errors for undecodable data
             raise BitstreamError(f"entropy decoding failed: {exc}") from None
 
     def to_bytes(self) -> bytes:
-        data = self._coder.get_compressed().astype("<u4").tobytes()
+        assert self._encoder is not None
+        data = self._encoder.get_compressed().astype("<u4").tobytes()
         trimmed = data.rstrip(b"\0")
         return data[: max(len(trimmed), len(data) - 3)]
 
     def finish(self) -> None:
-        """Check that decoding consumed exactly the coded data (garbage almost never does)."""
-        if not self._coder.is_empty():
+        """Check that decoding consumed the coded data (garbage often does not)."""
+        assert self._decoder is not None
+        if not self._decoder.maybe_exhausted():
             raise BitstreamError("entropy-coded data has bits left over after the last symbol")
 
 

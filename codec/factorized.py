@@ -5,7 +5,7 @@ learned deep factorized density per latent channel (Ballé et al., ICLR 2017 and
 
     hidden (T, D) -standardise-> g_a -> / step -> y (T, C) -round-> y_hat -> * step -> g_s -> hidden_hat
                                                                   |
-                                        DeepFactorizedDensity[c] -> integer table[c] -> ANS
+                                        DeepFactorizedDensity[c] -> integer table[c] -> range coder
 
 Without a transform (``latent_channels=0``), ``g_a`` and ``g_s`` are the identity and ``C == D``.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
-from splitwire.codec.entropy import AnsStream, DeepFactorizedDensity, categorical, table_bits
+from splitwire.codec.entropy import CodedStream, DeepFactorizedDensity, categorical, table_bits
 from splitwire.codec.learned import (
     CodingModel,
     LearnedCodec,
@@ -106,14 +106,14 @@ class FactorizedModel(CodingModel):
     def compress(self, hidden: torch.Tensor) -> bytes:
         indices = self._symbols(hidden)
         models = self._coding_models()
-        stream = AnsStream()
-        for c in reversed(range(self.channels)):
+        stream = CodedStream()
+        for c in range(self.channels):
             stream.push(indices[:, c], models[c])
         return stream.to_bytes()
 
     def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         models = self._coding_models()
-        stream = AnsStream(body)
+        stream = CodedStream(body)
         columns = [stream.pop(tokens, models[c]) for c in range(self.channels)]
         stream.finish()
         indices = np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((tokens, 0), np.int64)

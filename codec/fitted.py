@@ -6,7 +6,7 @@
 
   ::
 
-      hidden (T, D) -standardise-> / step -> round -> symbols (T, D) -> ANS, token by token,
+      hidden (T, D) -standardise-> / step -> round -> symbols (T, D) -> range coder, token by token,
                                                        with counts[c] += 1 observation per token
 
 * ``pca`` -- the top ``components`` principal directions of the training hidden states, uniform
@@ -15,7 +15,7 @@
 
   ::
 
-      hidden (T, D) - mean -> @ basis (D, K) -> / (step * std_k) -> round -> ANS per component
+      hidden (T, D) - mean -> @ basis (D, K) -> / (step * std_k) -> round -> range coder per component
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import constriction
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
-from splitwire.codec.entropy import AnsStream, categorical, quantize_pmf, table_bits
+from splitwire.codec.entropy import CodedStream, categorical, quantize_pmf, table_bits
 from splitwire.codec.learned import CodingModel, LearnedCodec, Standardizer
 
 PRIOR_TOTAL = 1 << 12  # each channel's prior counts sum to this
@@ -88,13 +88,13 @@ class UniformModel(CodingModel):
     def compress(self, hidden: torch.Tensor) -> bytes:
         indices = self._symbols(hidden) + self.half_width
         states = self._count_states(indices).astype(np.float64)
-        stream = AnsStream()
-        for t in reversed(range(indices.shape[0])):
+        stream = CodedStream()
+        for t in range(indices.shape[0]):
             stream.push_rows(indices[t], self._family, states[t])
         return stream.to_bytes()
 
     def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
-        stream = AnsStream(body)
+        stream = CodedStream(body)
         counts = self.prior_counts.numpy().copy()
         width = counts.shape[0]
         indices = np.zeros((tokens, width), dtype=np.int64)
@@ -159,14 +159,14 @@ class PcaModel(CodingModel):
     def compress(self, hidden: torch.Tensor) -> bytes:
         indices = self._symbols(hidden) + self.half_width
         models = self._coding_models()
-        stream = AnsStream()
-        for k in reversed(range(self.components)):
+        stream = CodedStream()
+        for k in range(self.components):
             stream.push(indices[:, k], models[k])
         return stream.to_bytes()
 
     def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         models = self._coding_models()
-        stream = AnsStream(body)
+        stream = CodedStream(body)
         columns = [stream.pop(tokens, models[k]) for k in range(self.components)]
         stream.finish()
         symbols = np.stack(columns, axis=1).astype(np.int64) - self.half_width

@@ -3,11 +3,11 @@ latent (Ballé et al., ICLR 2018; means as in Minnen et al., NeurIPS 2018).
 
 ::
 
-    hidden (T, D) -standardise-> g_a -> y (T, C) --------------------> round(y - mu) --> ANS (scale tables)
+    hidden (T, D) -standardise-> g_a -> y (T, C) --------------------> round(y - mu) --> range coder (scale tables)
                                         |                                 ^   ^
                                         h_a -> z (T, G) -round-> z_hat ---+   |
                                                  |                  |         |
-                                   DeepFactorizedDensity -> ANS     h_s -> mu, scale index
+                                   DeepFactorizedDensity -> coder   h_s -> mu, scale index
     y_hat = round(y - mu) + mu -> g_s -> hidden_hat
 
 At coding time ``h_s`` runs in integer arithmetic (weights in fixed point, as in Ballé et al.,
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
 from splitwire.codec.entropy import (
-    AnsStream,
+    CodedStream,
     DeepFactorizedDensity,
     ScaleTables,
     categorical,
@@ -208,18 +208,19 @@ class HyperpriorModel(CodingModel):
         order, present, sizes = self._groups(scale_index)
         values = main.ravel()[order]
         ends = np.cumsum(sizes)
-        stream = AnsStream()
-        # Decoding order: side channels 0..G-1, then main symbols grouped by scale index, ascending.
-        for s, end, size in zip(present[::-1], ends[::-1], sizes[::-1], strict=True):
-            stream.push(values[end - size : end] + half[s], main_models[s])
-        for g in reversed(range(self.side_channels)):
+        stream = CodedStream()
+        # Side channels 0..G-1 first (the decoder needs them for the scales), then the main symbols
+        # grouped by scale index, ascending.
+        for g in range(self.side_channels):
             stream.push(side_index[:, g], side_models[g])
+        for s, end, size in zip(present, ends, sizes, strict=True):
+            stream.push(values[end - size : end] + half[s], main_models[s])
         return stream.to_bytes()
 
     def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         side_models, main_models, _ = self._coding_models()
         half = self.scale_half_widths.numpy()
-        stream = AnsStream(body)
+        stream = CodedStream(body)
         side_index = np.stack([stream.pop(tokens, side_models[g]) for g in range(self.side_channels)], axis=1)
         mean, scale_index = self._integer_mean_scale(side_index.astype(np.int64) + self.side_offsets.numpy())
         order, present, sizes = self._groups(scale_index)

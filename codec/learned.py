@@ -94,8 +94,12 @@ def principal_directions(samples: torch.Tensor, count: int) -> tuple[torch.Tenso
 
 class TokenGate(nn.Module):
     """Per-token keep/drop decision made on the edge, so dropped tokens cost no bits (after Tan 2023,
-    Infor-Coef). Training relaxes the decision to a weight in (0, 1) with logistic noise; serving
-    keeps the tokens whose logit exceeds a threshold (the bitrate knob), always at least one.
+    Infor-Coef). Training samples hard 0/1 decisions from a binary-concrete relaxation and passes
+    gradients straight through its soft value; serving keeps the tokens whose logit exceeds a
+    threshold (the bitrate knob).
+
+    The first token ([CLS] for BERT) is always kept: attention and mean pooling are normalised, so
+    something must remain for the back half to work on.
     """
 
     def __init__(self, width: int, hidden: int = 64, temperature: float = 2.0 / 3.0) -> None:
@@ -108,17 +112,19 @@ class TokenGate(nn.Module):
         """``(..., T, D)`` standardised hidden states -> keep logits ``(..., T)``."""
         return self.net(standardized).squeeze(-1)
 
-    def relaxed(self, standardized: torch.Tensor) -> torch.Tensor:
-        """Training weights in (0, 1): a binary-concrete sample per token."""
+    def sample(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Training weights ``(..., T)``: 0/1 forward, binary-concrete gradient backward, 1 for the first token."""
         u = torch.rand_like(standardized[..., 0]).clamp(1e-6, 1 - 1e-6)
         noise = torch.log(u) - torch.log1p(-u)
-        return torch.sigmoid((self.logits(standardized) + noise) / self.temperature)
+        soft = torch.sigmoid((self.logits(standardized) + noise) / self.temperature)
+        hard = (soft > 0.5).to(soft.dtype)
+        hard[..., 0] = 1.0
+        return hard + soft - soft.detach()
 
     def keep(self, standardized: torch.Tensor, threshold: float = 0.0) -> np.ndarray:
-        """``(T, D)`` -> ``(T,)`` bool; the highest-scoring token is always kept."""
-        logits = self.logits(standardized)
-        kept = (logits > threshold).numpy()
-        kept[int(torch.argmax(logits))] = True
+        """``(T, D)`` -> ``(T,)`` bool: the first token, and those whose logit exceeds ``threshold``."""
+        kept = (self.logits(standardized) > threshold).numpy()
+        kept[0] = True
         return kept
 
 
@@ -153,6 +159,10 @@ class CodingModel(nn.Module):
 
     config: dict[str, object]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: TokenGate | None = None  # codecs that drop tokens set one
+
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T, D)`` -> reconstruction ``(B, T, D)`` and estimated bits per token ``(B, T)``."""
         raise NotImplementedError
@@ -176,8 +186,6 @@ class CodingModel(nn.Module):
     def fit(self, samples: torch.Tensor) -> None:
         """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training."""
         raise NotImplementedError
-
-    gate: TokenGate | None = None
 
     def keep_mask(self, hidden: torch.Tensor) -> np.ndarray | None:
         """Which tokens of ``(T, D)`` to send; None when the codec sends every token."""

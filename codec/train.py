@@ -163,7 +163,7 @@ def train_codec(
         hidden_hat, bits = module(hidden)
         weights = None
         if module.gate is not None:  # dropped tokens cost no bits; the back half sees them fade out
-            weights = module.gate.relaxed(module.standardize(hidden))
+            weights = module.gate.sample(module.standardize(hidden))
             bits = bits * weights
         output = split_model.run_back(cut, hidden_hat, batch.token_mask, token_weights=weights)
         distortion = encoder_distortion(output, teacher[batch.index]).mean()

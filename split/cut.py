@@ -71,6 +71,9 @@ class Cut:
         return cls(model.num_blocks, model.spec.default_split if split is None else int(split))
 
 
+DROPPED_TOKEN_BIAS = 20.0
+
+
 def positions_from_mask(token_mask: torch.Tensor) -> torch.Tensor:
     """Position of each token, counting only real tokens: ``(B, T)`` bool -> ``(B, T)`` long."""
     return (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -86,16 +89,16 @@ def attention_bias(
     """Additive attention mask: 0 where a query may attend a key, the dtype's minimum elsewhere.
 
     Bidirectional: ``(B, 1, 1, T)``, keys masked by ``token_mask``. Causal: ``(B, 1, T, T)``, a query
-    also sees only keys at positions not after its own. ``token_weights`` ``(B, T)`` in (0, 1] scale
-    each key's attention (``log w`` is added): the differentiable form of dropping tokens, used in
-    training; 1 everywhere is the plain mask.
+    also sees only keys at positions not after its own. ``token_weights`` ``(B, T)`` in [0, 1] are the
+    differentiable form of dropping tokens, used in training with straight-through 0/1 gates: weight 0
+    lowers a key's logit by ``DROPPED_TOKEN_BIAS`` (it gets ~e^-20 of the attention), 1 leaves it alone.
     """
     allowed = token_mask[:, None, None, :]
     if causal:
         allowed = allowed & (positions[:, None, None, :] <= positions[:, None, :, None])
     bias = torch.zeros(allowed.shape, dtype=dtype, device=token_mask.device)
     if token_weights is not None:
-        bias = bias + torch.log(token_weights.clamp_min(1e-6)).to(dtype)[:, None, None, :]
+        bias = bias + ((token_weights - 1.0) * DROPPED_TOKEN_BIAS).to(dtype)[:, None, None, :]
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 

@@ -1,0 +1,67 @@
+"""Codec training on the tiny model: it runs, learns, writes a checkpoint, and resumes after interruption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitwire.codec.base import CodecKind
+from splitwire.codec.train import TrainConfig, train_codec
+from splitwire.split.models import LoadedModel
+
+TEXTS = [f"sentence {i} about {w} things" for i, w in enumerate(["red", "big", "old", "new", "odd", "fun"] * 8)]
+
+
+def config(steps: int, **module: object) -> TrainConfig:
+    return TrainConfig(
+        kind=CodecKind.HYPERPRIOR,
+        split=2,
+        lmbda=50.0,
+        steps=steps,
+        batch_tokens=96,
+        checkpoint_every=5,
+        module={"latent_channels": 8, "side_channels": 2, "hidden": 16, "hyper_hidden": 8, **module},
+    )
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    losses: list[float] = []
+
+    def record(step: int, total: int, stats: dict[str, float]) -> None:
+        losses.append(stats["bpt"] + 50.0 * stats["dist"])
+
+    module = train_codec(tiny_bert, TEXTS, config(40), tmp_path, progress=record)
+    assert (tmp_path / "codec.safetensors").exists()
+    assert sum(losses[-10:]) < sum(losses[:10])
+    assert module.scale_counts.numel() > 0  # integer tables were built
+
+
+def test_training_resumes_from_its_last_state(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    def interrupt_after_seven(step: int, total: int, stats: dict[str, float]) -> None:
+        seen.append(step)
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_codec(tiny_bert, TEXTS, config(12), tmp_path, progress=interrupt_after_seven)
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 5
+    seen.clear()
+    train_codec(tiny_bert, TEXTS, config(12), tmp_path, progress=lambda step, total, stats: seen.append(step))
+    assert seen == list(range(6, 13))
+
+
+def test_resuming_with_another_configuration_is_refused(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    train_codec(tiny_bert, TEXTS, config(5), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        train_codec(tiny_bert, TEXTS, config(6), tmp_path)
+
+
+def test_token_gate_training_keeps_the_first_token(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    module = train_codec(tiny_bert, TEXTS, config(10, token_gate=True), tmp_path)
+    hidden = torch.randn(7, tiny_bert.hidden_size)
+    keep = module.keep_mask(hidden)
+    assert keep is not None and keep.shape == (7,) and keep[0]
