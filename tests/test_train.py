@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from splitwire.codec.base import CodecKind
 from splitwire.codec.train import TrainConfig, train_codec
 from splitwire.split.models import LoadedModel
