@@ -61,6 +61,76 @@ def cmd_demo(args: argparse.Namespace, argv: list[str] | None) -> int:
     return demo.run(args)
 
 
+def cmd_report(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import report
+
+    return report.run(args)
+
+
+# -- compute and load (serving) ---------------------------------------------------------------
+
+
+def cmd_compute(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import compute_command
+
+    payload = {**_run_info(argv), **compute_command.run(args)}
+    if args.json:
+        _write_json(args.json, payload)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import load_command
+    from splitwire.split.security import client_security
+
+    security = client_security(args.connection.resolve(args))
+    payload = {**_run_info(argv), **load_command.run(args, security)}
+    if args.json:
+        _write_json(args.json, payload)
+    return 0
+
+
+def add_serving_commands(sub: argparse._SubParsersAction) -> None:
+    """``compute`` (the back half's pure batched throughput) and ``load`` (a server under closed-loop load)."""
+    from splitwire.split.models import DEFAULT_MODEL
+    from splitwire.split.security import CLIENT_SECURITY_OPTIONS
+    from splitwire.split.settings import OptionSet
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    compute = sub.add_parser(
+        "compute", help="pure batched throughput of the back half (no gRPC, no decoding)", formatter_class=fmt
+    )
+    load = sub.add_parser(
+        "load",
+        help="closed-loop load on a server, its throughput against compute measured in the same run (efficiency)",
+        formatter_class=fmt,
+    )
+    for parser in (compute, load):
+        parser.add_argument("--model", default=DEFAULT_MODEL)
+        parser.add_argument("--split", type=int, default=None, help="split point (default: the model's)")
+        parser.add_argument("--codec", default=None, help="codec (default: the server's default for the split)")
+        parser.add_argument(
+            "--batch-size", type=int, default=32, help="sequences per compute batch; the server's --max-batch-size"
+        )
+        parser.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
+        parser.add_argument("--sentences", type=int, default=1000, help="unique sentences to send or compute")
+        parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    compute.add_argument("--seconds", type=float, default=10.0, help="how long to compute after warm-up")
+    compute.set_defaults(handler=cmd_compute)
+
+    load.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
+    load.add_argument("--concurrency", type=int, default=32, help="outstanding requests (closed loop)")
+    load.add_argument("--processes", type=int, default=1, help="client processes sharing the concurrency")
+    load.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="the started server's --max-queue-delay-ms")
+    load.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    load.add_argument("--seconds", type=float, default=15.0, help="seconds of load measured")
+    load.add_argument("--compute-seconds", type=float, default=5.0, help="seconds of compute before and after")
+    load.add_argument("--timeout", type=float, default=30.0, help="deadline per request, s")
+    connection = OptionSet("SPLITWIRE_BENCH", "bench", CLIENT_SECURITY_OPTIONS)
+    connection.add_to(load)
+    load.set_defaults(handler=cmd_load, connection=connection)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from splitwire.split.models import DEFAULT_MODEL
     from splitwire.split.transport import DEFAULT_PORT
@@ -133,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
     demo.add_argument("--json", type=Path, default=None, help="also write the results here")
     demo.set_defaults(handler=cmd_demo)
+
+    report = sub.add_parser("report", help="print rd JSON results as Markdown tables", formatter_class=fmt)
+    report.add_argument("files", type=Path, nargs="+", metavar="JSON")
+    report.set_defaults(handler=cmd_report)
+
+    add_serving_commands(sub)
     return parser
 
 

@@ -46,9 +46,11 @@ class RateRow:
     def relative_quality(self) -> float:
         return self.quality / self.unsplit_quality if self.higher_is_better else self.unsplit_quality / self.quality
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, fp16_bits_per_token: float | None = None) -> dict[str, object]:
         out = asdict(self)
         out["relative_quality"] = self.relative_quality
+        if fp16_bits_per_token:
+            out["fewer_bits_than_fp16"] = fp16_bits_per_token / self.bits_per_token
         return out
 
 

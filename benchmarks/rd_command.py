@@ -113,11 +113,16 @@ def _bd_rates(rows: list[RateRow]) -> list[dict[str, object]]:
         entry: dict[str, object] = {"kind": kind, "split": split}
         for anchor_kind in ("fp16", "uniform"):
             anchor = families.get((anchor_kind, split), [])
-            entry[f"vs_{anchor_kind}_percent"] = bd_rate(
+            value = bd_rate(
                 [(r.bits_per_token, r.quality) for r in anchor],
                 [(r.bits_per_token, r.quality) for r in members],
                 higher_is_better=members[0].higher_is_better,
             )
+            entry[f"vs_{anchor_kind}_percent"] = value
+            if value is None:
+                entry[f"vs_{anchor_kind}_note"] = (
+                    "no anchor at this split" if not anchor else "the curves cover no common quality range"
+                )
         out.append(entry)
     return out
 
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "data": str(task.data),
         "rows_evaluated": len(task.texts),
         "unsplit_quality": unsplit,
-        "rows": [row.to_json() for row in rows],
+        "rows": [row.to_json(fp16_bits_per_token=16.0 * model.hidden_size) for row in rows],
         "bd_rate": bd,
         "plot": str(plot),
     }

@@ -1,0 +1,53 @@
+"""``splitwire-bench report``: the rate-distortion JSON files as the Markdown tables the README shows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def rd_table(payload: dict[str, object]) -> str:
+    """One Markdown table of an ``rd`` result, rows sorted by split then rate."""
+    quality = payload["quality_name"]
+    lines = [
+        f"{payload['task']} on `{Path(str(payload['data'])).name}` ({payload['rows_evaluated']} inputs), "
+        f"unsplit {quality}: **{payload['unsplit_quality']:.2f}**",
+        "",
+        f"| split | codec | bits/token | estimated | fewer bits than fp16 | {quality} | of unsplit "
+        "| enc+dec / front (32 tokens) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = sorted(payload["rows"], key=lambda r: (r["split"], r["bits_per_token"]))
+    for row in rows:
+        lines.append(
+            f"| {row['split']} | `{row['codec']}` | {row['bits_per_token']:.1f} | {row['estimated_bits_per_token']:.1f} "
+            f"| {row.get('fewer_bits_than_fp16', 0):.0f}x | {row['quality']:.2f} | {100 * row['relative_quality']:.2f}% "
+            f"| {100 * row['extra'].get('codec_time_over_front_time_32_tokens', float('nan')):.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def bd_table(payload: dict[str, object]) -> str:
+    lines = ["| split | codec family | BD-rate vs fp16 | BD-rate vs uniform |", "|---:|---|---:|---:|"]
+
+    def cell(value: object) -> str:
+        return "n/a" if value is None else f"{value:+.1f}%"
+
+    for entry in payload["bd_rate"]:
+        lines.append(
+            f"| {entry['split']} | {entry['kind']} | {cell(entry['vs_fp16_percent'])} "
+            f"| {cell(entry['vs_uniform_percent'])} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in args.files:
+        payload = json.loads(Path(path).read_text())
+        print(f"<!-- {payload.get('command', '')} -->")
+        print(rd_table(payload))
+        print()
+        print(bd_table(payload))
+        print()
+    return 0
