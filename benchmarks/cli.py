@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--scale-count", type=int, default=64, help="hyperprior: Gaussian scales in the table")
     train.add_argument("--scale-max", type=float, default=64.0, help="hyperprior: largest scale in the table")
     train.add_argument("--token-gate", action="store_true", help="learn to drop tokens on the edge")
+    train.add_argument(
+        "--context-channels", type=int, default=0, help="hyperprior: per-sequence context sent once per payload"
+    )
     train.add_argument("--step", type=float, default=0.5, help="uniform, pca: quantisation step in standard deviations")
     train.add_argument("--components", type=int, default=64, help="pca")
     train.add_argument(

@@ -85,7 +85,12 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             "token_gate": args.token_gate,
         }
         if kind is CodecKind.HYPERPRIOR:
-            module_args.update(side_channels=args.side_channels, scale_count=args.scale_count, scale_max=args.scale_max)
+            module_args.update(
+                side_channels=args.side_channels,
+                scale_count=args.scale_count,
+                scale_max=args.scale_max,
+                context_channels=args.context_channels,
+            )
         config = TrainConfig(
             kind=kind,
             split=args.split,

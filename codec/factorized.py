@@ -74,7 +74,9 @@ class FactorizedModel(CodingModel):
     def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
         return self.standardize.inverse(self.g_s(y_hat * torch.exp(self.log_step)))
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.analysis(hidden)
         bits = -torch.log2(self.density.likelihood(quantize(y, QuantMode.NOISE))).sum(-1)
         return self.synthesis(quantize(y, QuantMode.STE)), bits

@@ -82,7 +82,9 @@ class UniformModel(CodingModel):
         before = np.cumsum(seen, axis=0) - seen
         return self.prior_counts.numpy()[None] + before
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError("the uniform baseline is fitted, not trained")
 
     def compress(self, hidden: torch.Tensor) -> bytes:
@@ -153,7 +155,9 @@ class PcaModel(CodingModel):
             self._models = [categorical(row) for row in self.table_counts.numpy()]
         return self._models
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError("the pca baseline is fitted, not trained")
 
     def compress(self, hidden: torch.Tensor) -> bytes:

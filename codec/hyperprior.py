@@ -13,9 +13,15 @@ latent (Ballé et al., ICLR 2018; means as in Minnen et al., NeurIPS 2018).
 At coding time ``h_s`` runs in integer arithmetic (weights in fixed point, as in Ballé et al.,
 "Integer networks for data compression with latent-variable models", ICLR 2019), so the scale index
 of every symbol is bit-identical on the encoder and the decoder whatever the machine.
+
+With ``context_channels > 0`` a per-sequence context ``c`` (the mean over tokens of ``g_c(hidden)``,
+quantised and coded once per payload) joins ``z_hat`` at the input of ``h_s`` and ``y_hat`` at the
+input of ``g_s``: what all tokens share is sent once instead of once per token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,6 +62,7 @@ class HyperpriorModel(CodingModel):
         scale_min: float = 0.11,
         scale_max: float = 64.0,
         token_gate: bool = False,
+        context_channels: int = 0,
     ) -> None:
         super().__init__()
         self.config = {
@@ -69,19 +76,26 @@ class HyperpriorModel(CodingModel):
             "scale_min": scale_min,
             "scale_max": scale_max,
             "token_gate": token_gate,
+            "context_channels": context_channels,
         }
         self.channels, self.side_channels = latent_channels, side_channels
         self.scale_min, self.scale_max = scale_min, scale_max
         self.standardize = Standardizer(width)
         self.g_a = ResidualTransform(width, latent_channels, hidden, layers)
-        self.g_s = ResidualTransform(latent_channels, width, hidden, layers)
+        self.context_channels = context_channels
+        self.g_s = ResidualTransform(latent_channels + context_channels, width, hidden, layers)
         self.h_a = TokenMLP(latent_channels, side_channels, hyper_hidden, 1, activation="relu")
         # Exactly Linear -> ReLU -> Linear: the integer version below mirrors this shape.
-        self.h_s = TokenMLP(side_channels, 2 * latent_channels, hyper_hidden, 1, activation="relu")
+        self.h_s = TokenMLP(side_channels + context_channels, 2 * latent_channels, hyper_hidden, 1, activation="relu")
         self.side_density = DeepFactorizedDensity(side_channels)
+        if context_channels:
+            self.g_c = ResidualTransform(width, context_channels, hidden, layers)
+            self.context_density = DeepFactorizedDensity(context_channels)
         self.gate = TokenGate(width) if token_gate else None
         self.scales = ScaleTables.default_scales(scale_count, scale_min, scale_max)
         for name, dtype in (
+            ("context_offsets", torch.int64),
+            ("context_counts", torch.int64),
             ("side_offsets", torch.int64),
             ("side_counts", torch.int64),
             ("scale_half_widths", torch.int64),
@@ -93,7 +107,7 @@ class HyperpriorModel(CodingModel):
             ("hs_b2", torch.int64),
         ):
             self.register_buffer(name, torch.zeros(0, dtype=dtype))
-        self._models: tuple[list, list, tuple[np.ndarray, ...]] | None = None
+        self._models: _CodingModels | None = None
 
     # -- training -------------------------------------------------------------------------------
 
@@ -103,26 +117,54 @@ class HyperpriorModel(CodingModel):
         self.standardize.fit(samples)
         basis, std = principal_directions(self.standardize(samples), self.channels)
         self.g_a.init_linear(basis / std)
-        self.g_s.init_linear((basis * std).t())
+        # The context starts with no say in the reconstruction; training gives it one.
+        synthesis = torch.cat([(basis * std).t(), torch.zeros(self.context_channels, basis.shape[0])])
+        self.g_s.init_linear(synthesis)
+        if self.context_channels:
+            context_basis, context_std = principal_directions(self.standardize(samples), self.context_channels)
+            self.g_c.init_linear(context_basis / context_std)
 
     def _mean_scale(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_scale = self.h_s(z_hat).chunk(2, dim=-1)
         return mean, torch.exp(log_scale).clamp(self.scale_min, self.scale_max)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.g_a(self.standardize(hidden))
+    def _context(self, standardized: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """``(B, T, D)`` -> the per-sequence context before quantisation ``(B, Cc)``."""
+        per_token = self.g_c(standardized)
+        if token_mask is None:
+            return per_token.mean(dim=-2)
+        weights = token_mask.to(per_token.dtype).unsqueeze(-1)
+        return (per_token * weights).sum(dim=-2) / weights.sum(dim=-2).clamp_min(1.0)
+
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.standardize(hidden)
+        y = self.g_a(x)
         z = self.h_a(y)
-        side_bits = -torch.log2(self.side_density.likelihood(quantize(z, QuantMode.NOISE))).sum(-1)
-        mean, scale = self._mean_scale(quantize(z, QuantMode.STE))
-        main_bits = -torch.log2(gaussian_likelihood(quantize(y, QuantMode.NOISE), mean, scale)).sum(-1)
+        bits = -torch.log2(self.side_density.likelihood(quantize(z, QuantMode.NOISE))).sum(-1)
+        hyper_input, synthesis_extra = quantize(z, QuantMode.STE), []
+        if self.context_channels:
+            context = self._context(x, token_mask)
+            context_bits = -torch.log2(self.context_density.likelihood(quantize(context, QuantMode.NOISE))).sum(-1)
+            tokens = x.shape[-2] if token_mask is None else token_mask.sum(-1, keepdim=True).clamp_min(1)
+            bits = bits + context_bits.unsqueeze(-1) / tokens  # spread over the sequence's tokens
+            shared = quantize(context, QuantMode.STE).unsqueeze(-2).expand(*y.shape[:-1], self.context_channels)
+            hyper_input = torch.cat([hyper_input, shared], dim=-1)
+            synthesis_extra = [shared]
+        mean, scale = self._mean_scale(hyper_input)
+        bits = bits - torch.log2(gaussian_likelihood(quantize(y, QuantMode.NOISE), mean, scale)).sum(-1)
         y_hat = quantize(y, QuantMode.STE, offset=mean)
-        return self.standardize.inverse(self.g_s(y_hat)), main_bits + side_bits
+        return self.standardize.inverse(self.g_s(torch.cat([y_hat, *synthesis_extra], dim=-1))), bits
 
     # -- integer tables and integer h_s ---------------------------------------------------------
 
     def update_tables(self) -> None:
         offsets, counts = self.side_density.to_tables()
         self.side_offsets, self.side_counts = torch.from_numpy(offsets), torch.from_numpy(counts)
+        if self.context_channels:
+            offsets, counts = self.context_density.to_tables()
+            self.context_offsets, self.context_counts = torch.from_numpy(offsets), torch.from_numpy(counts)
         tables = ScaleTables(self.scales)
         width = max(len(t) for t in tables.tables)
         padded = np.zeros((len(tables.tables), width), dtype=np.int64)
@@ -145,53 +187,67 @@ class HyperpriorModel(CodingModel):
         self._models = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _integer_mean_scale(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Integer side symbols ``(T, G)`` -> means ``(T, C)`` float64 and scale indices ``(T, C)``.
+    # -- coding ---------------------------------------------------------------------------------
 
-        Integer arithmetic carried out in float64: every product and partial sum is an integer below
-        2**53 (checked when the tables are built), so the result is exact whatever the summation order,
-        hence identical on every machine.
-        """
-        w1, b1, w2, b2 = self._float_side_network()
-        hidden = np.maximum(z.astype(np.float64) @ w1 + b1, 0.0)
-        out = hidden @ w2 + b2
-        mean = out[:, : self.channels] / 2.0 ** (2 * FRACTION_BITS)
-        index = np.searchsorted(self.scale_thresholds.numpy(), out[:, self.channels :], side="left")
-        return mean, index
-
-    def _float_side_network(self) -> tuple[np.ndarray, ...]:
-        models = self._coding_models()
-        return models[2]
-
-    def _coding_models(self) -> tuple[list, list, tuple[np.ndarray, ...]]:
+    def _coding_models(self) -> _CodingModels:
         if self._models is None:
-            side = [categorical(row[row > 0]) for row in self.side_counts.numpy()]
-            main = [categorical(row[row > 0]) for row in self.scale_counts.numpy()]
-            self._models = (side, main, self._checked_side_network())
+            self._models = _CodingModels(
+                context=[categorical(row[row > 0]) for row in self.context_counts.numpy()],
+                side=[categorical(row[row > 0]) for row in self.side_counts.numpy()],
+                main=[categorical(row[row > 0]) for row in self.scale_counts.numpy()],
+                side_network=self._checked_side_network(),
+            )
         return self._models
 
     def _checked_side_network(self) -> tuple[np.ndarray, ...]:
         """The integer h_s as float64 arrays, after proving its arithmetic stays exact."""
         w1, b1, w2, b2 = (t.numpy().astype(np.float64) for t in (self.hs_w1, self.hs_b1, self.hs_w2, self.hs_b2))
-        lengths = (self.side_counts > 0).sum(1).numpy()
-        offsets = self.side_offsets.numpy()
-        largest_z = float(np.max(np.maximum(np.abs(offsets), np.abs(offsets + lengths - 1))))
-        largest_hidden = largest_z * np.abs(w1).sum(1).max() + np.abs(b1).max()
+        largest_input = 0.0
+        for offsets, counts in ((self.side_offsets, self.side_counts), (self.context_offsets, self.context_counts)):
+            if offsets.numel():
+                last = offsets.numpy() + (counts > 0).sum(1).numpy() - 1
+                largest_input = max(largest_input, float(np.max(np.maximum(np.abs(offsets.numpy()), np.abs(last)))))
+        largest_hidden = largest_input * np.abs(w1).sum(1).max() + np.abs(b1).max()
         largest_out = largest_hidden * np.abs(w2).sum(1).max() + np.abs(b2).max()
         if largest_out >= 2.0**52:
             raise ValueError("side network weights are too large for exact fixed-point evaluation")
         return w1.T.copy(), b1, w2.T.copy(), b2
 
-    def _symbols(self, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(T, D)`` -> side table indices ``(T, G)``, main symbols ``(T, C)``, scale indices ``(T, C)``."""
-        y = self.g_a(self.standardize(hidden.float()))
-        z = torch.round(self.h_a(y)).to(torch.int64).numpy()
-        side_lengths = (self.side_counts > 0).sum(1).numpy()
-        side_index = np.clip(z - self.side_offsets.numpy(), 0, side_lengths - 1)
-        mean, scale_index = self._integer_mean_scale(side_index + self.side_offsets.numpy())
+    def _integer_mean_scale(self, side: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Side symbols ``(T, G)`` and context symbols ``(Cc,)`` (integers) -> means ``(T, C)`` float64
+        and scale indices ``(T, C)``.
+
+        Integer arithmetic carried out in float64: every product and partial sum is an integer below
+        2**53 (checked when the tables are built), so the result is exact whatever the summation order,
+        hence identical on every machine.
+        """
+        inputs = np.concatenate([side, np.broadcast_to(context, (side.shape[0], len(context)))], axis=1)
+        w1, b1, w2, b2 = self._coding_models().side_network
+        hidden = np.maximum(inputs.astype(np.float64) @ w1 + b1, 0.0)
+        out = hidden @ w2 + b2
+        mean = out[:, : self.channels] / 2.0 ** (2 * FRACTION_BITS)
+        index = np.searchsorted(self.scale_thresholds.numpy(), out[:, self.channels :], side="left")
+        return mean, index
+
+    @staticmethod
+    def _table_index(values: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+        """Round ``values`` and clamp them into each channel's table: indices into the tables."""
+        lengths = (counts > 0).sum(1).numpy()
+        return np.clip(torch.round(values).to(torch.int64).numpy() - offsets.numpy(), 0, lengths - 1)
+
+    def _symbols(self, hidden: torch.Tensor) -> _Symbols:
+        x = self.standardize(hidden.float())
+        y = self.g_a(x)
+        side = self._table_index(self.h_a(y), self.side_offsets, self.side_counts)
+        context = np.zeros(0, dtype=np.int64)
+        if self.context_channels:
+            context = self._table_index(self._context(x, None), self.context_offsets, self.context_counts)
+        mean, scale_index = self._integer_mean_scale(
+            side + self.side_offsets.numpy(), context + self.context_offsets.numpy()
+        )
         half = self.scale_half_widths.numpy()[scale_index]
         main = np.clip(np.round(y.double().numpy() - mean), -half, half).astype(np.int64)
-        return side_index, main, scale_index
+        return _Symbols(context, side, main, scale_index)
 
     @staticmethod
     def _groups(scale_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,31 +258,35 @@ class HyperpriorModel(CodingModel):
         return order, present, sizes
 
     def compress(self, hidden: torch.Tensor) -> bytes:
-        side_index, main, scale_index = self._symbols(hidden)
-        side_models, main_models, _ = self._coding_models()
+        symbols = self._symbols(hidden)
+        models = self._coding_models()
         half = self.scale_half_widths.numpy()
-        order, present, sizes = self._groups(scale_index)
-        values = main.ravel()[order]
+        order, present, sizes = self._groups(symbols.scale_index)
+        values = symbols.main.ravel()[order]
         ends = np.cumsum(sizes)
         stream = CodedStream()
-        # Side channels 0..G-1 first (the decoder needs them for the scales), then the main symbols
-        # grouped by scale index, ascending.
+        # What the decoder needs first comes first: the context, the side channels 0..G-1, then the
+        # main symbols grouped by scale index, ascending.
+        for c in range(self.context_channels):
+            stream.push(symbols.context[c : c + 1], models.context[c])
         for g in range(self.side_channels):
-            stream.push(side_index[:, g], side_models[g])
+            stream.push(symbols.side[:, g], models.side[g])
         for s, end, size in zip(present, ends, sizes, strict=True):
-            stream.push(values[end - size : end] + half[s], main_models[s])
+            stream.push(values[end - size : end] + half[s], models.main[s])
         return stream.to_bytes()
 
     def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
-        side_models, main_models, _ = self._coding_models()
+        models = self._coding_models()
         half = self.scale_half_widths.numpy()
         stream = CodedStream(body)
-        side_index = np.stack([stream.pop(tokens, side_models[g]) for g in range(self.side_channels)], axis=1)
-        mean, scale_index = self._integer_mean_scale(side_index.astype(np.int64) + self.side_offsets.numpy())
+        context = np.array([int(stream.pop(1, models.context[c])[0]) for c in range(self.context_channels)], np.int64)
+        side = np.stack([stream.pop(tokens, models.side[g]) for g in range(self.side_channels)], axis=1)
+        context_values = context + self.context_offsets.numpy()
+        mean, scale_index = self._integer_mean_scale(side.astype(np.int64) + self.side_offsets.numpy(), context_values)
         order, present, sizes = self._groups(scale_index)
         values = np.concatenate(
             [
-                stream.pop(int(size), main_models[s]).astype(np.int64) - half[s]
+                stream.pop(int(size), models.main[s]).astype(np.int64) - half[s]
                 for s, size in zip(present, sizes, strict=True)
             ]
         )
@@ -234,17 +294,38 @@ class HyperpriorModel(CodingModel):
         main = np.empty(tokens * self.channels, dtype=np.int64)
         main[order] = values
         y_hat = torch.from_numpy(main.reshape(tokens, self.channels) + mean).float()
-        return self.standardize.inverse(self.g_s(y_hat))
+        shared = torch.from_numpy(context_values).float().expand(tokens, self.context_channels)
+        return self.standardize.inverse(self.g_s(torch.cat([y_hat, shared], dim=-1)))
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
-        side_index, main, scale_index = self._symbols(hidden)
+        symbols = self._symbols(hidden)
         side_counts, scale_counts = self.side_counts.numpy(), self.scale_counts.numpy()
+        context_counts = self.context_counts.numpy()
         half = self.scale_half_widths.numpy()
-        bits = sum(table_bits(side_counts[g], side_index[:, g]) for g in range(self.side_channels))
-        for s in np.unique(scale_index):
-            where = scale_index == s
-            bits += table_bits(scale_counts[s], main[where] + half[s])
+        bits = sum(table_bits(context_counts[c], symbols.context[c : c + 1]) for c in range(self.context_channels))
+        bits += sum(table_bits(side_counts[g], symbols.side[:, g]) for g in range(self.side_channels))
+        for s in np.unique(symbols.scale_index):
+            where = symbols.scale_index == s
+            bits += table_bits(scale_counts[s], symbols.main[where] + half[s])
         return float(bits)
+
+
+@dataclass(frozen=True)
+class _Symbols:
+    """One sequence's symbols: context and side as table indices, main as signed values."""
+
+    context: np.ndarray  # (Cc,)
+    side: np.ndarray  # (T, G)
+    main: np.ndarray  # (T, C)
+    scale_index: np.ndarray  # (T, C)
+
+
+@dataclass(frozen=True)
+class _CodingModels:
+    context: list
+    side: list
+    main: list
+    side_network: tuple[np.ndarray, ...]
 
 
 class HyperpriorCodec(LearnedCodec):

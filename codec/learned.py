@@ -163,8 +163,11 @@ class CodingModel(nn.Module):
         super().__init__()
         self.gate: TokenGate | None = None  # codecs that drop tokens set one
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, T, D)`` -> reconstruction ``(B, T, D)`` and estimated bits per token ``(B, T)``."""
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, D)`` (real tokens where ``token_mask`` is True) -> reconstruction ``(B, T, D)`` and
+        estimated bits per token ``(B, T)``."""
         raise NotImplementedError
 
     def update_tables(self) -> None:

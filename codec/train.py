@@ -160,7 +160,7 @@ def train_codec(
             group["lr"] = lr_at(step)
         with torch.no_grad():
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
-        hidden_hat, bits = module(hidden)
+        hidden_hat, bits = module(hidden, batch.token_mask)
         weights = None
         if module.gate is not None:  # dropped tokens cost no bits; the back half sees them fade out
             weights = module.gate.sample(module.standardize(hidden))

@@ -37,6 +37,11 @@ def build(kind: str) -> LearnedCodec:
             HyperpriorModel(WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8),
             HyperpriorCodec,
         )
+    elif kind == "hyperprior-context":
+        module = HyperpriorModel(
+            WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, context_channels=4
+        )
+        cls = HyperpriorCodec
     elif kind == "uniform":
         module, cls = UniformModel(WIDTH, step=0.5), UniformCodec
     else:
@@ -46,13 +51,14 @@ def build(kind: str) -> LearnedCodec:
     return cls(kind, WIDTH, module)
 
 
-KINDS = ["factorized", "factorized-identity", "hyperprior", "uniform", "pca"]
+KINDS = ["factorized", "factorized-identity", "hyperprior", "hyperprior-context", "uniform", "pca"]
 
 # sha256 prefixes of the payload of seeded((12, WIDTH)); a change breaks decoding by deployed peers.
 GOLDEN = {
     "factorized": "027449d095f68ebd",
     "factorized-identity": "3bf7d40fa7c9664c",
     "hyperprior": "6528aea3a780f735",
+    "hyperprior-context": "592226d05413b959",
     "uniform": "b82e5f811de5d2b1",
     "pca": "335298270e08a09a",
 }
@@ -150,9 +156,10 @@ def test_hyperprior_side_network_is_integer_and_batch_independent() -> None:
     module = codec.module
     assert module.hs_w1.dtype == torch.int64
     z = np.random.default_rng(0).integers(-3, 4, size=(50, module.side_channels))
-    mean_all, index_all = module._integer_mean_scale(z)
+    context = np.zeros(0, dtype=np.int64)
+    mean_all, index_all = module._integer_mean_scale(z, context)
     for row in range(0, 50, 7):
-        mean_one, index_one = module._integer_mean_scale(z[row : row + 1])
+        mean_one, index_one = module._integer_mean_scale(z[row : row + 1], context)
         assert np.array_equal(mean_one[0], mean_all[row]) and np.array_equal(index_one[0], index_all[row])
 
 
