@@ -93,9 +93,13 @@ class HyperpriorModel(CodingModel):
             self.context_density = DeepFactorizedDensity(context_channels)
         self.gate = TokenGate(width) if token_gate else None
         self.scales = ScaleTables.default_scales(scale_count, scale_min, scale_max)
+        if context_channels:
+            self.register_buffer("context_offsets", torch.zeros(0, dtype=torch.int64))
+            self.register_buffer("context_counts", torch.zeros(0, 0, dtype=torch.int64))
+        else:  # no context: empty tables, not part of the state dict
+            self.context_offsets = torch.zeros(0, dtype=torch.int64)
+            self.context_counts = torch.zeros(0, 0, dtype=torch.int64)
         for name, dtype in (
-            ("context_offsets", torch.int64),
-            ("context_counts", torch.int64),
             ("side_offsets", torch.int64),
             ("side_counts", torch.int64),
             ("scale_half_widths", torch.int64),
