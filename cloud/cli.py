@@ -1,4 +1,8 @@
-"""``splitwire-cloud``: the cloud server's entry point. Logging and signal handling live here only."""
+"""``splitwire-cloud``: the cloud server's entry point. Logging and signal handling live here only.
+
+Every ``serve`` option can be given as a flag, as an environment variable ``SPLITWIRE_CLOUD_<OPTION>``
+or in a TOML file (``--config``), in that order of precedence (see :mod:`splitwire.split.settings`).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,120 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from splitwire.cloud.config import ServerConfig
+from splitwire.cloud.config import ComputeMode, ServerConfig, default_torch_threads
 from splitwire.cloud.server import CloudServer
-from splitwire.split.models import DEFAULT_MODEL, MODELS
-from splitwire.split.transport import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_METRICS_PORT, DEFAULT_PORT
+from splitwire.split.models import MODELS
+from splitwire.split.settings import Option, OptionSet
 
 log = logging.getLogger("splitwire.cloud")
+
+_DEFAULT = ServerConfig()
+
+SERVE_OPTIONS = OptionSet(
+    env_prefix="SPLITWIRE_CLOUD",
+    table="server",
+    options=(
+        Option("--host", str, _DEFAULT.host, "address to listen on (0.0.0.0 for every interface)", "HOST"),
+        Option("--port", int, _DEFAULT.port, "gRPC port (0 picks a free one)", "PORT"),
+        Option("--metrics-port", int, _DEFAULT.metrics_port, "Prometheus /metrics port; -1 disables it", "PORT"),
+        Option(
+            "--model",
+            str,
+            _DEFAULT.model,
+            f"model name ({', '.join(MODELS)}) or a folder holding a Hugging Face model",
+            "NAME|PATH",
+        ),
+        Option("--split", int, None, "default split point for requests that name none (none: the model's)", "K"),
+        Option("--codec", str, None, "default codec for requests that name none (none: the catalog's)", "NAME"),
+        Option("--max-batch-size", int, _DEFAULT.max_batch_size, "most sequences the back half runs in one batch", "N"),
+        Option(
+            "--max-queue-delay-ms",
+            float,
+            _DEFAULT.max_queue_delay_ms,
+            "longest a request waits for more requests to fill its batch, in ms",
+            "MS",
+        ),
+        Option(
+            "--max-queue",
+            int,
+            _DEFAULT.max_queue,
+            "requests waiting (decoding or queued) before more are refused with RESOURCE_EXHAUSTED",
+            "N",
+        ),
+        Option(
+            "--max-message-bytes",
+            int,
+            _DEFAULT.max_message_bytes,
+            "largest request accepted; larger ones get RESOURCE_EXHAUSTED 'Received message larger than max'",
+            "BYTES",
+        ),
+        Option(
+            "--max-tokens",
+            int,
+            None,
+            "most tokens a payload may declare (none: the model's limit); more get INVALID_ARGUMENT",
+            "N",
+        ),
+        Option(
+            "--max-sessions",
+            int,
+            _DEFAULT.max_sessions,
+            "InferStream streams open at once; more are refused with RESOURCE_EXHAUSTED",
+            "N",
+        ),
+        Option(
+            "--grace",
+            float,
+            _DEFAULT.grace_seconds,
+            "seconds in-flight requests get to finish after SIGTERM",
+            "SECONDS",
+        ),
+        Option(
+            "--threads",
+            int,
+            None,
+            "torch threads for the back half (none: every core but one, left to gRPC and decoding)",
+            "N",
+        ),
+        Option(
+            "--decode-threads", int, _DEFAULT.decode_threads, "threads decoding payloads beside the compute thread", "N"
+        ),
+        Option(
+            "--compute",
+            ComputeMode,
+            _DEFAULT.compute,
+            "where the back half runs: 'process' (a child process, so model code and gRPC do not share "
+            "the GIL) or 'thread' (in the server process; starts faster)",
+            "{process,thread}",
+        ),
+        Option(
+            "--tls-cert",
+            Path,
+            None,
+            "PEM server certificate (chain); with --tls-key the server speaks TLS only",
+            "FILE",
+        ),
+        Option("--tls-key", Path, None, "PEM private key of --tls-cert", "FILE"),
+        Option(
+            "--tls-client-ca",
+            Path,
+            None,
+            "PEM CA certificate; clients must present a certificate it signed (mutual TLS)",
+            "FILE",
+        ),
+        Option(
+            "--auth-token-file",
+            Path,
+            None,
+            "file whose first line is the bearer token every inference call must carry (health and "
+            "reflection need none)",
+            "FILE",
+        ),
+        Option("--log-level", str, "INFO", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL"),
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,54 +136,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the gRPC server",
-        description="Decode payloads from edge agents, run blocks [split, L) and the head, answer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Decode payloads from edge agents, run blocks [split, L) and the head, answer. Each "
+        "option below can also be set by its environment variable or in a TOML file (--config); "
+        "precedence: flag > environment > file > default.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0 picks a free one)")
-    serve.add_argument(
-        "--metrics-port",
-        type=int,
-        default=DEFAULT_METRICS_PORT,
-        help="Prometheus /metrics port; -1 disables it",
-    )
-    serve.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"model name ({', '.join(MODELS)}) or a folder holding a Hugging Face model",
-    )
-    serve.add_argument("--split", type=int, default=None, help="default split point (default: the model's)")
-    serve.add_argument("--codec", default=None, help="default codec for requests that name none")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="most sequences per back-half batch")
-    serve.add_argument(
-        "--max-queue-delay-ms", type=float, default=2.0, help="longest a request waits for a batch to fill"
-    )
-    serve.add_argument("--max-queue", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
-    serve.add_argument(
-        "--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES, help="largest request accepted"
-    )
-    serve.add_argument("--max-tokens", type=int, default=None, help="most tokens per request (default: model's)")
-    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
-    serve.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
-    serve.add_argument("--log-level", default="INFO", help="logging level")
+    SERVE_OPTIONS.add_to(serve)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def config_from_values(values: dict[str, object]) -> ServerConfig:
+    """The typed configuration from resolved option values. Raises ValueError on inconsistent ones."""
+    metrics_port = values["metrics_port"]
     return ServerConfig(
-        host=args.host,
-        port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        model=args.model,
-        split=args.split,
-        codec=args.codec,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms,
-        max_queue=args.max_queue,
-        max_message_bytes=args.max_message_bytes,
-        max_tokens=args.max_tokens,
-        grace_seconds=args.grace,
-        torch_threads=args.threads,
+        host=values["host"],
+        port=values["port"],
+        metrics_port=None if metrics_port is None or metrics_port < 0 else metrics_port,
+        model=values["model"],
+        split=values["split"],
+        codec=values["codec"],
+        max_batch_size=values["max_batch_size"],
+        max_queue_delay_ms=values["max_queue_delay_ms"],
+        max_queue=values["max_queue"],
+        max_message_bytes=values["max_message_bytes"],
+        max_tokens=values["max_tokens"],
+        max_sessions=values["max_sessions"],
+        grace_seconds=values["grace"],
+        torch_threads=values["threads"] or default_torch_threads(),
+        decode_threads=values["decode_threads"],
+        compute=values["compute"],
+        tls_cert=values["tls_cert"],
+        tls_key=values["tls_key"],
+        tls_client_ca=values["tls_client_ca"],
+        auth_token_file=values["auth_token_file"],
     )
 
 
@@ -95,13 +190,19 @@ async def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        asyncio.run(serve(config_from_args(args)))
+        values = SERVE_OPTIONS.resolve(args)
+        config = config_from_values(values)
+        logging.basicConfig(
+            level=str(values["log_level"]).upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    except ValueError as exc:
+        print(f"splitwire-cloud: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
     except (ValueError, LookupError, OSError) as exc:
         log.error("%s", exc)
         return 2

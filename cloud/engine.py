@@ -2,15 +2,21 @@
 
 ::
 
-    payload --codec.decode_payload--> (T_kept, D) --Batcher--> blocks [k, L) + head --> answer
+    payload --DecodePlacer: codec.decode_payload--> (T_kept, D) --Batcher--> compute thread
+        --BackHalf here, or ComputeProcess in a child--> blocks [k, L) + head --> answer
 
-Lifecycle: ``load()`` (blocking: weights, codecs, warm-up) -> ``ready`` -> ``start()`` on the event
-loop -> ``infer()`` many times -> ``stop()``.
+Lifecycle: ``load()`` (blocking: weights, codecs, compute process, warm-up) -> ``ready`` -> ``start()``
+on the event loop -> ``infer()`` many times -> ``drain()`` -> ``stop()``.
+
+Admission: a request is admitted only while fewer than ``max_queue`` requests wait (being decoded or
+queued for a batch); past that it is refused at once with RESOURCE_EXHAUSTED, before its payload is
+decoded, so waiting work and its memory stay bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -20,26 +26,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from splitwire.cloud import metrics
-from splitwire.cloud.batching import Batcher
-from splitwire.cloud.config import ServerConfig
-from splitwire.cloud.errors import InvalidInput, ModelNotReady, NotFound, PeerMismatch
+from splitwire.cloud.back import Answer, BackHalf, BackJob
+from splitwire.cloud.batching import Batcher, Compute, on_executor
+from splitwire.cloud.compute_process import ComputeProcess
+from splitwire.cloud.config import ComputeMode, ServerConfig
+from splitwire.cloud.decoding import DecodePlacer
+from splitwire.cloud.errors import InvalidInput, ModelNotReady, NotFound, Overloaded, PeerMismatch
+from splitwire.cloud.sessions import SessionLimiter
 from splitwire.codec.base import Codec
 from splitwire.codec.catalog import CodecCatalog
 from splitwire.codec.container import Header
 from splitwire.codec.errors import BitstreamError, UnknownCodecError
-from splitwire.split.cut import Cut, InvalidSplitError, SplitModel
-from splitwire.split.models import LoadedModel, ModelFamily, load_model, resolve_name
+from splitwire.split.cut import Cut, InvalidSplitError
+from splitwire.split.models import LoadedModel, load_model, resolve_name
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Answer:
-    """What the head answered for one sequence: an embedding or a next token."""
-
-    embedding: np.ndarray | None = None  # (D,) float32, encoders
-    token_id: int | None = None  # decoders
-    token_logprob: float | None = None
+# One batch computing and the next already handed over, so compute never waits for the event loop.
+BATCHES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,6 @@ class InferenceResult:
     batch_size: int
 
 
-@dataclass(frozen=True)
-class _BackJob:
-    hidden: torch.Tensor  # (T_kept, D)
-    positions: torch.Tensor  # (T_kept,) original positions of the kept tokens
-
-
 class InferenceEngine:
     """One model's back half, its codecs and its batcher."""
 
@@ -66,43 +64,73 @@ class InferenceEngine:
         self.config = config
         self.model: LoadedModel | None = None
         self.catalog: CodecCatalog | None = None
-        self._split_model: SplitModel | None = None
+        self._back: BackHalf | ComputeProcess | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwire-compute")
-        self._decode = ThreadPoolExecutor(max_workers=2, thread_name_prefix="splitwire-decode")
-        self._batcher: Batcher[Cut, _BackJob, Answer] | None = None
+        self._decode = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="splitwire-decode")
+        self._placer = DecodePlacer(self._decode)
+        self._batcher: Batcher[Cut, BackJob, Answer] | None = None
+        self._decoding = 0  # admitted requests whose payload is being decoded
+        self._codec_fingerprints: dict[str, str] = {}  # hashing a codec's parameters per request is too slow
+        self._cuts: dict[int | None, Cut] = {}  # by wire split, None for the default: built once
         self._ready = False
         self._draining = False
+        self.sessions = SessionLimiter(config.max_sessions)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load weights and codecs and run one warm-up batch. Blocking; run it off the event loop."""
-        if self.config.torch_threads:
+        """Load weights and codecs and warm the back half up. Blocking; run it off the event loop.
+
+        With ``ComputeMode.PROCESS`` the compute process loads its copy of the model meanwhile.
+        """
+        process = None
+        if self.config.compute is ComputeMode.PROCESS:
+            process = ComputeProcess(self.config.model, self.config.torch_threads)
+            process.spawn()
+        elif self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        model = load_model(self.config.model)
-        self.model = model
-        self._split_model = SplitModel(model)
-        self.catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
-        if self.config.codec is not None:
-            self.catalog.get(self.config.codec)  # fail at start-up, not on the first request
-        cut = self.default_cut()
-        warm = _BackJob(torch.zeros(4, model.hidden_size), torch.arange(4))
-        self._run_back(cut, [warm])
+        try:
+            model = load_model(self.config.model)
+            catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
+            if self.config.codec is not None:
+                catalog.get(self.config.codec)  # fail at start-up, not on the first request
+            cut = Cut.from_wire(model, self.config.split)
+            if process is not None:
+                process.wait_ready(model.fingerprint)
+                self._back = process
+            else:
+                self._back = BackHalf(model)
+                self._back.warm_up(cut)
+        except BaseException:
+            if process is not None:
+                process.close()
+            raise
+        self.model, self.catalog = model, catalog
+        self._codec_fingerprints = {codec.name: codec.fingerprint() for codec in catalog}
+        self._cuts = {split: Cut(model.num_blocks, split) for split in range(model.num_blocks + 1)}
+        self._cuts[None] = cut
         self._ready = True
         metrics.MODEL_READY.labels(model.name).set(1)
-        log.info("model %s ready: %d blocks, default split %d", model.name, model.num_blocks, cut.split)
+        log.info(
+            "model %s ready: %d blocks, default split %d, back half in a %s",
+            model.name,
+            model.num_blocks,
+            cut.split,
+            self.config.compute.value,
+        )
 
     def start(self) -> None:
         """Start batching on the running event loop."""
         self._batcher = Batcher(
-            self._run_back,
-            self._compute,
+            self._batch_compute(),
             max_batch_size=self.config.max_batch_size,
             max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
             max_queue=self.config.max_queue,
             on_batch=self._observe_batch,
+            max_in_flight=BATCHES_IN_FLIGHT,
         )
         self._batcher.start()
+        metrics.QUEUE_DEPTH.set_function(lambda: self.queue_depth)
 
     def drain(self) -> None:
         """Refuse new work from now on (in-flight requests still finish)."""
@@ -111,10 +139,13 @@ class InferenceEngine:
             metrics.MODEL_READY.labels(self.model.name).set(0)
 
     async def stop(self) -> None:
+        """Stop batching and release the threads and the compute process. Call after draining."""
         if self._batcher is not None:
             await self._batcher.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
         self._decode.shutdown(wait=False, cancel_futures=True)
+        if self._back is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._back.close)
 
     @property
     def ready(self) -> bool:
@@ -131,13 +162,14 @@ class InferenceEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._batcher.depth if self._batcher else 0
+        """Admitted requests waiting: being decoded or queued for a batch."""
+        return self._decoding + (self._batcher.depth if self._batcher else 0)
 
     # -- request validation -------------------------------------------------------------------
 
     def default_cut(self) -> Cut:
         assert self.model is not None
-        return Cut.from_wire(self.model, self.config.split)
+        return self._cuts.get(None) or Cut.from_wire(self.model, self.config.split)
 
     def split_points(self) -> list[int]:
         assert self.model is not None
@@ -150,7 +182,7 @@ class InferenceEngine:
         if model_name and resolve_name(model_name) != self.model.name:
             raise NotFound(f"unknown model {model_name!r}; this server serves {self.model.name!r}")
         try:
-            cut = self.default_cut() if split is None else Cut.from_wire(self.model, split)
+            cut = self._cuts.get(split) or Cut.from_wire(self.model, split)
         except InvalidSplitError as exc:
             raise InvalidInput(str(exc)) from None
         try:
@@ -176,11 +208,16 @@ class InferenceEngine:
                 f"model fingerprint mismatch: client has {model_fingerprint}, server has "
                 f"{self.model.fingerprint} for {self.model.name}; install the same model package on both sides"
             )
-        if codec_fingerprint and codec_fingerprint != codec.fingerprint():
+        if codec_fingerprint and codec_fingerprint != self.codec_fingerprint(codec):
             raise PeerMismatch(
                 f"codec {codec.name} fingerprint mismatch: client has {codec_fingerprint}, server has "
-                f"{codec.fingerprint()}; use the same splitwire release on both sides"
+                f"{self.codec_fingerprint(codec)}; use the same splitwire release on both sides"
             )
+
+    def codec_fingerprint(self, codec: Codec) -> str:
+        """``codec.fingerprint()``, computed once at load."""
+        known = self._codec_fingerprints.get(codec.name)
+        return known if known is not None else codec.fingerprint()
 
     # -- the work ---------------------------------------------------------------------------
 
@@ -188,12 +225,20 @@ class InferenceEngine:
         """Decode ``payload`` and run the back half on it, batched with other requests."""
         if self._batcher is None:
             raise ModelNotReady("the server is not started")
-        loop = asyncio.get_running_loop()
+        if self.queue_depth >= self.config.max_queue:
+            retry_ms = self._batcher.retry_after_ms()
+            raise Overloaded(
+                f"server queue is full ({self.config.max_queue} requests waiting); retry in {retry_ms} ms", retry_ms
+            )
         started = time.monotonic()
-        header, hidden = await loop.run_in_executor(self._decode, self._decode_payload, codec, payload)
+        self._decoding += 1
+        try:
+            header, hidden = await self._placer.run(codec.name, payload, functools.partial(self._decode_payload, codec))
+        finally:
+            self._decoding -= 1
         decode_s = time.monotonic() - started
         positions = torch.from_numpy(np.flatnonzero(header.kept_mask()))
-        answer, timing = await self._batcher.submit(cut, _BackJob(hidden, positions), deadline)
+        answer, timing = await self._batcher.submit(cut, BackJob(hidden, positions), deadline)
         return InferenceResult(
             answer=answer,
             header=header,
@@ -205,33 +250,28 @@ class InferenceEngine:
         )
 
     def _decode_payload(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
+        """Payload -> header and the kept tokens' hidden states ``(T_kept, D)``; InvalidInput when malformed."""
         try:
             return codec.decode_payload(payload, max_tokens=self.max_tokens)
         except BitstreamError as exc:
             raise InvalidInput(f"malformed payload for codec {codec.name}: {exc}") from None
 
-    def _run_back(self, cut: Cut, jobs: Sequence[_BackJob]) -> list[Answer]:
-        """Pad ``jobs`` to one batch, run blocks [split, L) and the head. Runs on the compute thread."""
-        assert self.model is not None and self._split_model is not None
-        longest = max(job.hidden.shape[0] for job in jobs)
-        hidden = torch.zeros(len(jobs), longest, self.model.hidden_size)
-        positions = torch.zeros(len(jobs), longest, dtype=torch.long)
-        mask = torch.zeros(len(jobs), longest, dtype=torch.bool)
-        for row, job in enumerate(jobs):
-            n = job.hidden.shape[0]
-            hidden[row, :n] = job.hidden
-            positions[row, :n] = job.positions
-            mask[row, :n] = True
-        with torch.inference_mode():
-            out = self._split_model.run_back(cut, hidden, mask, positions)
-            if self.model.family is ModelFamily.ENCODER:
-                return [Answer(embedding=row.numpy().copy()) for row in out]
-            logprobs = torch.log_softmax(out.float(), dim=-1)
-            best = logprobs.max(dim=-1)
-            return [
-                Answer(token_id=int(i), token_logprob=float(lp))
-                for i, lp in zip(best.indices, best.values, strict=True)
-            ]
+    def _batch_compute(self) -> Compute:
+        """The Batcher's compute function: submit to the compute process, or run on the compute thread."""
+        back = self._back
+        if isinstance(back, ComputeProcess):
+
+            async def in_process(cut: Cut, jobs: Sequence[BackJob]) -> list[Answer]:
+                return await asyncio.wrap_future(back.submit(cut, jobs))
+
+            return in_process
+        return on_executor(self._compute, self.run_back)
+
+    def run_back(self, cut: Cut, jobs: Sequence[BackJob]) -> list[Answer]:
+        """Blocks [split, L) and the head on ``jobs`` padded into one batch. Runs on the compute thread."""
+        if self._back is None:
+            raise ModelNotReady("the model is not loaded yet")
+        return self._back.run(cut, jobs)
 
     def _observe_batch(self, size: int) -> None:
         assert self.model is not None

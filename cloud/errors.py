@@ -1,11 +1,17 @@
 """Domain errors of the cloud server. The error-mapping interceptor turns them into gRPC statuses;
-nothing else in the server picks status codes."""
+nothing else in the server picks status codes.
+
+``reason`` labels the ``splitwire_cloud_rejected_requests_total`` counter; errors without a reason of
+their own are counted under their status code's name.
+"""
 
 from __future__ import annotations
 
 
 class ServingError(Exception):
     """Base class: a request the server refuses on purpose, with a message meant for the client."""
+
+    reason: str | None = None
 
 
 class InvalidInput(ServingError):
@@ -25,12 +31,21 @@ class ModelNotReady(ServingError):
 
 
 class Overloaded(ServingError):
-    """The queue is full; retry after ``retry_after_ms`` (RESOURCE_EXHAUSTED)."""
+    """A limit is reached (the queue, open sessions); retry after ``retry_after_ms`` (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, message: str, retry_after_ms: int) -> None:
+    def __init__(self, message: str, retry_after_ms: int, reason: str = "queue_full") -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+        self.reason = reason
 
 
 class DeadlineExceeded(ServingError):
     """The client's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
+
+    reason = "deadline_exceeded"
+
+
+class Unauthenticated(ServingError):
+    """The call carries no bearer token or the wrong one (UNAUTHENTICATED)."""
+
+    reason = "unauthenticated"

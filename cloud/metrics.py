@@ -58,7 +58,11 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge(
     "splitwire_cloud_queue_depth",
-    "Decoded requests waiting for a batch.",
+    "Requests admitted and waiting: being decoded or queued for a batch (bounded by --max-queue).",
+)
+OPEN_SESSIONS = Gauge(
+    "splitwire_cloud_open_sessions",
+    "Open InferStream sessions (bounded by --max-sessions).",
 )
 MODEL_READY = Gauge(
     "splitwire_cloud_model_ready",

@@ -1,7 +1,9 @@
 """The cloud process: gRPC server (service, health, reflection) + Prometheus endpoint + engine.
 
 Layers: process (cli) -> CloudServer (this) -> servicer (proto <-> domain) -> engine -> model.
-Health says NOT_SERVING until the model is loaded and warm, and again while draining.
+Health says NOT_SERVING until the model is loaded and warm, and again while draining. With
+``tls_cert``/``tls_key`` the server listens with TLS only (mutual TLS with ``tls_client_ca``); with
+``auth_token_file`` every SplitInference call needs the bearer token. Health and reflection need none.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from splitwire.cloud.config import ServerConfig
 from splitwire.cloud.engine import InferenceEngine
-from splitwire.cloud.interceptors import ErrorMappingInterceptor
+from splitwire.cloud.interceptors import AuthInterceptor, ErrorMappingInterceptor
 from splitwire.cloud.servicer import SplitInferenceServicer
+from splitwire.split.security import read_token_file
 from splitwire.split.transport import SERVICE_NAME, server_options
 from splitwire.v1 import splitwire_pb2 as pb
 from splitwire.v1 import splitwire_pb2_grpc as pb_grpc
@@ -47,13 +50,17 @@ class CloudServer:
     async def start(self) -> None:
         """Listen, load the model (health NOT_SERVING meanwhile), then report SERVING."""
         config = self.config
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+        if config.auth_token_file is not None:
+            interceptors.append(AuthInterceptor(read_token_file(config.auth_token_file)))
+            if config.tls is None:
+                log.warning("the bearer token travels in plaintext: add --tls-cert and --tls-key off trusted networks")
+        tls = config.tls
+        credentials = tls.credentials() if tls is not None else None  # read the files before listening
         if config.metrics_port is not None:
             self._metrics_httpd, _ = start_http_server(config.metrics_port, addr=config.host)
             self.metrics_port = self._metrics_httpd.server_address[1]
-        server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
-            options=server_options(config.max_message_bytes),
-        )
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(config.max_message_bytes))
         pb_grpc.add_SplitInferenceServicer_to_server(SplitInferenceServicer(self.engine, splitwire_version()), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -65,23 +72,36 @@ class CloudServer:
             server,
         )
         address = f"{config.host}:{config.port}"
-        self.port = server.add_insecure_port(address)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (metrics on %s)", config.host, self.port, self.metrics_port)
+        log.info(
+            "listening on %s:%d with %s (metrics on %s)",
+            config.host,
+            self.port,
+            "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS",
+            self.metrics_port,
+        )
         await asyncio.get_running_loop().run_in_executor(None, self.engine.load)
         self.engine.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", self.engine.model.name if self.engine.model else "?")
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish within ``grace`` seconds, release everything."""
-        grace = self.config.grace_seconds if grace is None else grace
+    async def drain(self) -> None:
+        """Report NOT_SERVING and refuse new inference work (UNAVAILABLE); in-flight requests go on."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.drain()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain, stop accepting calls, let in-flight ones finish within ``grace`` seconds, release everything."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.drain()
         if self._server is not None:
             await self._server.stop(grace)
         await self.engine.stop()

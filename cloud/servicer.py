@@ -28,8 +28,9 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferResponse]:
-        async for request in request_iterator:
-            yield await self._infer_one(request, context)
+        with self._engine.sessions.session():  # at most --max-sessions streams at once
+            async for request in request_iterator:
+                yield await self._infer_one(request, context)
 
     async def GetServerInfo(self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         engine = self._engine
@@ -41,7 +42,7 @@ class SplitInferenceServicer(pb_grpc.SplitInferenceServicer):
             pb.CodecInfo(
                 name=codec.name,
                 kind=codec.kind.label,
-                fingerprint=codec.fingerprint(),
+                fingerprint=engine.codec_fingerprint(codec),
                 splits=list(codec.splits),
                 expected_bits_per_token=codec.expected_bits_per_token or 0.0,
             )
