@@ -5,7 +5,9 @@
     text --tokenize--> ids (1, T) --blocks [0, k)--> (T, D) --codec--> payload --Infer--> answer
 
 On connect the agent asks the server what it serves and refuses to talk to one whose model or codec
-fingerprint differs from its own; every request also carries both fingerprints as metadata.
+fingerprint differs from its own; every request also carries both fingerprints as metadata, and the
+bearer token when one is configured. The channel is TLS (mutual with a client certificate) when
+``EdgeConfig.security`` says so.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from splitwire.codec.container import bits_per_token
 from splitwire.edge import metrics
 from splitwire.split.cut import Cut, SplitModel
 from splitwire.split.models import DEFAULT_MODEL, LoadedModel, ModelFamily, load_model
+from splitwire.split.security import ClientSecurity, CredentialsError
 from splitwire.split.transport import (
     CODEC_FINGERPRINT_KEY,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -49,6 +52,7 @@ class EdgeConfig:
     codec: str | None = None  # None: the server's default codec for the split
     timeout_s: float = DEFAULT_TIMEOUT_SECONDS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    security: ClientSecurity = field(default_factory=ClientSecurity)  # plaintext, no token
 
 
 @dataclass
@@ -107,6 +111,7 @@ class EdgeAgent:
         self.cut: Cut | None = None
         self.codec: Codec | None = None
         self.server_info: pb.ServerInfo | None = None
+        self._auth: tuple[tuple[str, str], ...] = ()
         if model is not None:
             self._use(model)
 
@@ -129,14 +134,19 @@ class EdgeAgent:
         if self.model is None:
             self.load()
         assert self.model is not None and self.catalog is not None
-        self._channel = grpc.insecure_channel(
-            self.config.server, options=channel_options(self.config.max_message_bytes)
-        )
+        security = self.config.security
+        try:
+            self._auth = security.metadata()
+            self._channel = security.open_channel(self.config.server, channel_options(self.config.max_message_bytes))
+        except CredentialsError as exc:
+            raise EdgeError(str(exc)) from None
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         try:
-            info = self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.config.timeout_s, wait_for_ready=True)
+            info = self._stub.GetServerInfo(
+                pb.ServerInfoRequest(), timeout=self.config.timeout_s, wait_for_ready=True, metadata=self._auth
+            )
         except grpc.RpcError as exc:
-            raise EdgeError(f"cannot reach splitwire-cloud at {self.config.server}: {_describe(exc)}") from None
+            raise EdgeError(f"cannot reach splitwire-cloud at {self.config.server}: {self._explain(exc)}") from None
         self.server_info = info
         served = {m.name: m for m in info.models}
         remote = served.get(self.model.name)
@@ -200,7 +210,9 @@ class EdgeAgent:
         assert self._stub and self.model and self.codec and self.cut
         started = time.perf_counter()
         request, tokens, timings = self.prepare(text)
+        self._check_size(request)
         metadata = (
+            *self._auth,
             (MODEL_FINGERPRINT_KEY, self.model.fingerprint),
             (CODEC_FINGERPRINT_KEY, self.codec.fingerprint()),
         )
@@ -209,7 +221,7 @@ class EdgeAgent:
             response = self._stub.Infer(request, timeout=self.config.timeout_s, metadata=metadata)
         except grpc.RpcError as exc:
             metrics.REQUESTS.labels(exc.code().name).inc()
-            raise EdgeError(f"server refused the request: {_describe(exc)}") from None
+            raise EdgeError(f"server refused the request: {self._explain(exc)}") from None
         done = time.perf_counter()
         metrics.REQUESTS.labels("OK").inc()
         timings["round_trip"] = 1000 * (done - sent)
@@ -249,6 +261,32 @@ class EdgeAgent:
         assert self.model is not None
         return self.model.family
 
+    def message_limit(self) -> int:
+        """The largest request both this agent and the server accept, in bytes."""
+        server = self.server_info.max_message_bytes if self.server_info else 0
+        return min(self.config.max_message_bytes, server) if server else self.config.max_message_bytes
 
-def _describe(exc: grpc.RpcError) -> str:
-    return f"{exc.code().name}: {exc.details()}"
+    def _check_size(self, request: pb.InferRequest) -> None:
+        size, limit = request.ByteSize(), self.message_limit()
+        if size > limit:
+            raise EdgeError(
+                f"request of {size} bytes is larger than the {limit} bytes the server accepts (its "
+                "--max-message-bytes): use a codec with fewer bits per token or a shorter input"
+            )
+
+    def _explain(self, exc: grpc.RpcError) -> str:
+        """The status and details, with what to do for the failures users hit when setting up."""
+        code, details = exc.code(), exc.details() or ""
+        text = f"{code.name}: {details}"
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            return f"{text} (check --auth-token-file against the server's token)"
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            return f"{text} (the request exceeds a --max-message-bytes limit; use a smaller codec or input)"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            hint = (
+                "check --tls-ca, the client certificate and the server's certificate name"
+                if self.config.security.tls
+                else "if the server uses TLS, pass --tls-ca (and --tls-cert/--tls-key for mutual TLS)"
+            )
+            return f"{text} ({hint})"
+        return text

@@ -1,4 +1,8 @@
-"""``splitwire-edge``: run texts through the split from the command line."""
+"""``splitwire-edge``: run texts through the split from the command line.
+
+Connection options can be given as flags, as environment variables ``SPLITWIRE_EDGE_<OPTION>`` or in
+a TOML file (``--config``, keys at the top level or under ``[edge]``), in that order of precedence.
+"""
 
 from __future__ import annotations
 
@@ -10,38 +14,64 @@ from pathlib import Path
 
 import numpy as np
 from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError, EdgeResult
-from splitwire.split.models import DEFAULT_MODEL, MODELS
-from splitwire.split.transport import DEFAULT_PORT, DEFAULT_TIMEOUT_SECONDS
+from splitwire.split.models import MODELS
+from splitwire.split.security import CLIENT_SECURITY_OPTIONS, client_security
+from splitwire.split.settings import Option, OptionSet
+
+_DEFAULT = EdgeConfig()
+
+CONNECTION_OPTIONS = OptionSet(
+    env_prefix="SPLITWIRE_EDGE",
+    table="edge",
+    options=(
+        Option("--server", str, _DEFAULT.server, "splitwire-cloud address", "HOST:PORT"),
+        Option(
+            "--model", str, _DEFAULT.model, f"model name ({', '.join(MODELS)}) or a Hugging Face folder", "NAME|PATH"
+        ),
+        Option("--split", int, None, "split point (none: the server's default)", "K"),
+        Option("--codec", str, None, "codec name (none: the server's default for the split)", "NAME"),
+        Option("--timeout", float, _DEFAULT.timeout_s, "deadline per request, in seconds", "SECONDS"),
+        Option(
+            "--max-message-bytes",
+            int,
+            _DEFAULT.max_message_bytes,
+            "largest request or answer this agent sends or accepts",
+            "BYTES",
+        ),
+        *CLIENT_SECURITY_OPTIONS,
+        Option("--log-level", str, "WARNING", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL"),
+    ),
+)
 
 
 def _add_connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", help="splitwire-cloud address, HOST:PORT")
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name ({', '.join(MODELS)}) or a Hugging Face folder"
-    )
-    parser.add_argument("--split", type=int, default=None, help="split point (default: the server's)")
-    parser.add_argument("--codec", default=None, help="codec name (default: the server's default)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="deadline per request, s")
+    CONNECTION_OPTIONS.add_to(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per input")
-    parser.add_argument("--log-level", default="WARNING", help="logging level")
+
+
+def config_from_values(values: dict[str, object]) -> EdgeConfig:
+    """The agent's configuration from resolved option values."""
+    return EdgeConfig(
+        server=values["server"],
+        model=values["model"],
+        split=values["split"],
+        codec=values["codec"],
+        timeout_s=values["timeout"],
+        max_message_bytes=values["max_message_bytes"],
+        security=client_security(values),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitwire-edge", description="Run the front half of a split model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="run texts through the split and print the answers",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    run = sub.add_parser("run", help="run texts through the split and print the answers")
     _add_connection_args(run)
-    run.add_argument("--save-payload", type=Path, default=None, help="write the exact payload bytes sent to FILE")
-    run.add_argument("texts", nargs="+", metavar="TEXT")
-    sim = sub.add_parser(
-        "similarity",
-        help="cosine similarity of two texts, both embedded through the split",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    run.add_argument(
+        "--save-payload", type=Path, default=None, metavar="FILE", help="write the exact payload bytes sent to FILE"
     )
+    run.add_argument("texts", nargs="+", metavar="TEXT")
+    sim = sub.add_parser("similarity", help="cosine similarity of two texts, both embedded through the split")
     _add_connection_args(sim)
     sim.add_argument("text_a", metavar="A")
     sim.add_argument("text_b", metavar="B")
@@ -89,10 +119,13 @@ def _similarity(agent: EdgeAgent, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    config = EdgeConfig(
-        server=args.server, model=args.model, split=args.split, codec=args.codec, timeout_s=args.timeout
-    )
+    try:
+        values = CONNECTION_OPTIONS.resolve(args)
+        config = config_from_values(values)
+        logging.basicConfig(level=str(values["log_level"]).upper(), format="%(levelname)s %(name)s: %(message)s")
+    except ValueError as exc:
+        print(f"splitwire-edge: {exc}", file=sys.stderr)
+        return 2
     try:
         with EdgeAgent(config) as agent:
             agent.connect()
