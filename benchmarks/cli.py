@@ -96,36 +96,41 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     from splitwire.split.security import CLIENT_SECURITY_OPTIONS
     from splitwire.split.settings import OptionSet
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    threads = "torch threads: the global --threads, by default every core but one, as splitwire-cloud serve uses"
     compute = sub.add_parser(
-        "compute", help="pure batched throughput of the back half (no gRPC, no decoding)", formatter_class=fmt
+        "compute",
+        help="pure batched throughput of the back half (no gRPC, no decoding)",
+        description=f"The server's compute function alone on STS-B dev batches. {threads}.",
     )
     load = sub.add_parser(
         "load",
         help="closed-loop load on a server, its throughput against compute measured in the same run (efficiency)",
-        formatter_class=fmt,
+        description=f"Throughput, latency and status codes under closed-loop load, beside the pure compute "
+        f"throughput measured in the same run; efficiency = their ratio. {threads}.",
     )
     for parser in (compute, load):
-        parser.add_argument("--model", default=DEFAULT_MODEL)
+        parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default: {DEFAULT_MODEL})")
         parser.add_argument("--split", type=int, default=None, help="split point (default: the model's)")
         parser.add_argument("--codec", default=None, help="codec (default: the server's default for the split)")
         parser.add_argument(
-            "--batch-size", type=int, default=32, help="sequences per compute batch; the server's --max-batch-size"
+            "--batch-size", type=int, default=32, help="sequences per compute batch; the server's --max-batch-size (32)"
         )
         parser.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
-        parser.add_argument("--sentences", type=int, default=1000, help="unique sentences to send or compute")
-        parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    compute.add_argument("--seconds", type=float, default=10.0, help="how long to compute after warm-up")
+        parser.add_argument("--sentences", type=int, default=1000, help="unique sentences to send or compute (1000)")
+        parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+    compute.add_argument("--seconds", type=float, default=10.0, help="seconds of compute after warm-up (10)")
     compute.set_defaults(handler=cmd_compute)
 
-    load.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
-    load.add_argument("--concurrency", type=int, default=32, help="outstanding requests (closed loop)")
-    load.add_argument("--processes", type=int, default=1, help="client processes sharing the concurrency")
-    load.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="the started server's --max-queue-delay-ms")
-    load.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
-    load.add_argument("--seconds", type=float, default=15.0, help="seconds of load measured")
-    load.add_argument("--compute-seconds", type=float, default=5.0, help="seconds of compute before and after")
-    load.add_argument("--timeout", type=float, default=30.0, help="deadline per request, s")
+    load.add_argument(
+        "--server", default=None, metavar="HOST:PORT", help="a running server (default: start one on loopback)"
+    )
+    load.add_argument("--concurrency", type=int, default=32, help="outstanding requests, closed loop (32)")
+    load.add_argument("--processes", type=int, default=1, help="client processes sharing the concurrency (1)")
+    load.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="the started server's (2.0)")
+    load.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring (3)")
+    load.add_argument("--seconds", type=float, default=15.0, help="seconds of load measured (15)")
+    load.add_argument("--compute-seconds", type=float, default=5.0, help="seconds of compute before and after (5)")
+    load.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds (30)")
     connection = OptionSet("SPLITWIRE_BENCH", "bench", CLIENT_SECURITY_OPTIONS)
     connection.add_to(load)
     load.set_defaults(handler=cmd_load, connection=connection)

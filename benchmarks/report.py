@@ -20,10 +20,11 @@ def rd_table(payload: dict[str, object]) -> str:
     ]
     rows = sorted(payload["rows"], key=lambda r: (r["split"], r["bits_per_token"]))
     for row in rows:
+        overhead = row["extra"].get("codec_time_over_front_time_32_tokens", float("nan"))
         lines.append(
-            f"| {row['split']} | `{row['codec']}` | {row['bits_per_token']:.1f} | {row['estimated_bits_per_token']:.1f} "
-            f"| {row.get('fewer_bits_than_fp16', 0):.0f}x | {row['quality']:.2f} | {100 * row['relative_quality']:.2f}% "
-            f"| {100 * row['extra'].get('codec_time_over_front_time_32_tokens', float('nan')):.1f}% |"
+            f"| {row['split']} | `{row['codec']}` | {row['bits_per_token']:.1f} "
+            f"| {row['estimated_bits_per_token']:.1f} | {row.get('fewer_bits_than_fp16', 0):.0f}x "
+            f"| {row['quality']:.2f} | {100 * row['relative_quality']:.2f}% | {100 * overhead:.1f}% |"
         )
     return "\n".join(lines)
 

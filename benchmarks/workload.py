@@ -1,0 +1,42 @@
+"""The serving benchmarks' workload: STS-B dev sentences, run through the front half and a codec once,
+off the clock, so timed loops only send or compute.
+
+::
+
+    sts-dev.csv -> unique sentences -> tokenize -> blocks [0, k) -> codec.encode_sequence -> payloads
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from splitwire.benchmarks import datasets
+from splitwire.codec.base import Codec
+from splitwire.split.cut import Cut, SplitModel
+from splitwire.split.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def sentences(path: Path | None, limit: int) -> list[str]:
+    """The first ``limit`` unique sentences of an STS-B csv (default: the bundled dev split)."""
+    pairs = datasets.read_stsb(path or datasets.STSB_DEV)
+    texts = datasets.stsb_sentences(pairs)[:limit]
+    if not texts:
+        raise ValueError(f"no sentences in {path or datasets.STSB_DEV}")
+    return texts
+
+
+def encode(model: LoadedModel, cut: Cut, codec: Codec, texts: list[str]) -> list[bytes]:
+    """One payload per text, exactly as the edge agent builds it (front half, then the codec)."""
+    split_model = SplitModel(model)
+    payloads = []
+    with torch.inference_mode():
+        for text in texts:
+            input_ids, token_mask = model.tokenize([text])
+            hidden = split_model.run_front(cut, input_ids, token_mask)[0]
+            payloads.append(codec.encode_sequence(hidden))
+    log.info("encoded %d texts with %s at split %d", len(texts), codec.name, cut.split)
+    return payloads
