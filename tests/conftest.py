@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from collections.abc import Iterator
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from splitwire.cloud.config import ServerConfig
+from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.cloud.server import CloudServer
+from splitwire.codec.raw import Fp32Codec
 from splitwire.split.models import LoadedModel, load_model
+from splitwire.v1 import splitwire_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -30,9 +33,13 @@ class ServerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="cloud-server", daemon=True)
 
     def __enter__(self) -> ServerThread:
-        self._thread.start()
-        self.call(self.server.start())
+        self.begin().result(120)
         return self
+
+    def begin(self) -> concurrent.futures.Future:
+        """Start the loop thread and the server; the future completes once the model is warm."""
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
 
     def __exit__(self, *exc: object) -> None:
         self.call(self.server.stop(grace=1.0))
@@ -49,6 +56,13 @@ class ServerThread:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+
+def tiny_bert_request(tokens: int = 5, seed: int = 0) -> pb.InferRequest:
+    """A well-formed request for tiny-bert (width 32): seeded hidden states at split 2, coded fp32."""
+    hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed))
+    payload = Fp32Codec("fp32", 32).encode_payload(hidden)
+    return pb.InferRequest(model="tiny-bert", split=2, codec="fp32", payload=payload)
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +82,8 @@ def tiny_llama() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def minilm_server() -> Iterator[ServerThread]:
-    config = ServerConfig(port=0, metrics_port=0, model="all-MiniLM-L6-v2", max_queue_delay_ms=1.0)
+    config = ServerConfig(
+        port=0, metrics_port=0, model="all-MiniLM-L6-v2", max_queue_delay_ms=1.0, compute=ComputeMode.THREAD
+    )
     with ServerThread(config) as running:
         yield running
