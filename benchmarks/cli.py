@@ -52,6 +52,17 @@ def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+# -- set-default ---------------------------------------------------------------------------------
+
+
+def cmd_set_default(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks.shipping import set_default
+
+    set_default(args.name)
+    print(f"{args.name} is now its model's default codec")
+    return 0
+
+
 # -- demo ----------------------------------------------------------------------------------------
 
 
@@ -199,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--install", action="store_true", help="ship the result: copy it into the codec package")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=cmd_train)
+
+    default = sub.add_parser(
+        "set-default",
+        help="make a shipped codec its model's default (servers use it when a request names none)",
+        formatter_class=fmt,
+    )
+    default.add_argument("name", help="a codec in codec/checkpoints/manifest.json")
+    default.set_defaults(handler=cmd_set_default)
 
     demo = sub.add_parser(
         "demo", help="score STS-B sentence pairs through a running server, per codec", formatter_class=fmt

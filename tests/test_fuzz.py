@@ -4,7 +4,7 @@ declared shape or raise BitstreamError with a message. Nothing else: no other ex
 allocation sized by what the header claims.
 
 The default run keeps example counts small; ``pytest -m slow tests/test_fuzz.py`` runs the long campaign
-(see docs/serving.md).
+(see the README, "Hostile input").
 """
 
 from __future__ import annotations
