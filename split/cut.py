@@ -10,15 +10,23 @@ Both halves run the Hugging Face model's own modules; nothing is forked. Attenti
 positions are rebuilt on each side from the boolean token mask, so 4-D masks and rotary tables never
 cross the wire. Callers choose gradient mode: serving wraps calls in ``torch.inference_mode()``,
 codec training lets gradients flow through the frozen back half.
+
+Generation (decoders) keeps one :class:`DecoderCache` per side, each holding the keys and values of its
+own blocks and counting the positions it has seen::
+
+    prefill: prompt ids (B, T)  --front_step--> (B, T, D) --wire--> back_step --> next-token logits (B, V)
+    decode:  new token  (B, 1)  --front_step--> (B, 1, D) --wire--> back_step --> next-token logits (B, V)
+             front cache: blocks [0, k)                            back cache: blocks [k, L)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from splitwire.split.models import LoadedModel, ModelFamily
+from transformers import DynamicCache
 
 
 class InvalidSplitError(ValueError):
@@ -85,6 +93,7 @@ def attention_bias(
     causal: bool,
     dtype: torch.dtype,
     token_weights: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention mask: 0 where a query may attend a key, the dtype's minimum elsewhere.
 
@@ -92,14 +101,32 @@ def attention_bias(
     also sees only keys at positions not after its own. ``token_weights`` ``(B, T)`` in [0, 1] are the
     differentiable form of dropping tokens, used in training with straight-through 0/1 gates: weight 0
     lowers a key's logit by ``DROPPED_TOKEN_BIAS`` (it gets ~e^-20 of the attention), 1 leaves it alone.
+    ``query_positions`` ``(B, Q)``: positions of the queries when they are not the keys (decoding with a
+    cache: the keys are the cached tokens and the new ones); the causal mask is then ``(B, 1, Q, T)``.
     """
+    if query_positions is None:
+        query_positions = positions
     allowed = token_mask[:, None, None, :]
     if causal:
-        allowed = allowed & (positions[:, None, None, :] <= positions[:, None, :, None])
+        allowed = allowed & (positions[:, None, None, :] <= query_positions[:, None, :, None])
     bias = torch.zeros(allowed.shape, dtype=dtype, device=token_mask.device)
     if token_weights is not None:
         bias = bias + ((token_weights - 1.0) * DROPPED_TOKEN_BIAS).to(dtype)[:, None, None, :]
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass(eq=False)
+class DecoderCache:
+    """One side's generation state: keys and values of ``blocks`` for a batch of sequences.
+
+    ``length`` counts the positions every sequence has seen, also on a side with no blocks (its
+    rotary positions and causal masks start there). Sequences of a batch advance together: no padding.
+    Made by :meth:`SplitModel.new_cache`; used by one session at a time.
+    """
+
+    blocks: BlockRange
+    kv: DynamicCache = field(repr=False)
+    length: int = 0
 
 
 class SplitModel:
@@ -155,6 +182,67 @@ class SplitModel:
         for layer in self._layers[blocks.start : blocks.end]:
             hidden = layer(hidden, attention_mask=bias, **kwargs)
         return hidden
+
+    def new_cache(self, blocks: BlockRange) -> DecoderCache:
+        """An empty generation cache for one side's ``blocks`` (``cut.front`` or ``cut.back``)."""
+        if not self.causal:
+            raise InvalidSplitError(f"{self.model.name} is an encoder: only decoders generate")
+        if blocks.end > len(self._layers):
+            raise InvalidSplitError(f"block range [{blocks.start}, {blocks.end}) exceeds {len(self._layers)} blocks")
+        return DecoderCache(blocks, DynamicCache(config=self.model.hf_model.config))
+
+    def _cached_blocks(self, hidden: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """Run ``cache.blocks`` on the next ``T`` positions ``(B, T, D)``, attending to the cached ones too.
+
+        Appends the new keys and values to ``cache`` and advances ``cache.length`` by ``T``.
+        """
+        if hidden.dim() != 3 or hidden.shape[1] == 0:
+            raise ValueError(f"expected hidden states (B, T>0, D), got shape {tuple(hidden.shape)}")
+        batch, steps, _ = hidden.shape
+        if len(cache.blocks):
+            total = cache.length + steps
+            key_positions = torch.arange(total, device=hidden.device).expand(batch, total)
+            positions = key_positions[:, cache.length :]
+            bias = attention_bias(
+                torch.ones_like(key_positions, dtype=torch.bool),
+                key_positions,
+                causal=True,
+                dtype=hidden.dtype,
+                query_positions=positions,
+            )
+            rotary = self._rotary(hidden, positions)
+            for layer in self._layers[cache.blocks.start : cache.blocks.end]:
+                hidden = layer(
+                    hidden,
+                    attention_mask=bias,
+                    position_ids=positions,
+                    position_embeddings=rotary,
+                    past_key_values=cache.kv,
+                )
+        cache.length += steps
+        return hidden
+
+    def front_step(self, cache: DecoderCache, input_ids: torch.Tensor) -> torch.Tensor:
+        """Edge half of a generation step: next token ids ``(B, T)`` -> hidden state at the split ``(B, T, D)``.
+
+        Prefill passes the whole prompt, each decode step the one token chosen last.
+        """
+        if cache.blocks.start != 0:
+            raise InvalidSplitError(
+                f"a front cache holds blocks from 0, not [{cache.blocks.start}, {cache.blocks.end})"
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(f"expected token ids (B, T), got shape {tuple(input_ids.shape)}")
+        return self._cached_blocks(self._embed_tokens(input_ids), cache)
+
+    def back_step(self, cache: DecoderCache, hidden: torch.Tensor) -> torch.Tensor:
+        """Cloud half of a generation step: hidden state at the split ``(B, T, D)`` -> next-token logits ``(B, V)``."""
+        if cache.blocks.end != len(self._layers):
+            raise InvalidSplitError(
+                f"a back cache holds blocks up to {len(self._layers)}, not [{cache.blocks.start}, {cache.blocks.end})"
+            )
+        hidden = self._cached_blocks(hidden, cache)
+        return self.head(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
 
     def head(
         self, hidden: torch.Tensor, token_mask: torch.Tensor, token_weights: torch.Tensor | None = None
