@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitwire/v1/splitwire.proto\x12\x0csplitwire.v1\"o\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\x05split\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x42\x08\n\x06_split\"\x1f\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"(\n\tNextToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cServerTiming\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xdd\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.splitwire.v1.EmbeddingH\x00\x12-\n\nnext_token\x18\x03 \x01(\x0b\x32\x17.splitwire.v1.NextTokenH\x00\x12\x15\n\rpayload_bytes\x18\x04 \x01(\r\x12\x0e\n\x06tokens\x18\x05 \x01(\r\x12*\n\x06timing\x18\x06 \x01(\x0b\x32\x1a.splitwire.v1.ServerTimingB\x08\n\x06output\"\x13\n\x11ServerInfoRequest\"m\n\tCodecInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06splits\x18\x04 \x03(\r\x12\x1f\n\x17\x65xpected_bits_per_token\x18\x05 \x01(\x01\"\xce\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x15\n\rdefault_split\x18\x06 \x01(\r\x12\x0e\n\x06splits\x18\x07 \x03(\r\x12\'\n\x06\x63odecs\x18\x08 \x03(\x0b\x32\x17.splitwire.v1.CodecInfo\x12\x15\n\rdefault_codec\x18\t \x01(\t\"\x8c\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.splitwire.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x12\n\nmax_tokens\x18\x05 \x01(\r2\xea\x01\n\x0eSplitInference\x12@\n\x05Infer\x12\x1a.splitwire.v1.InferRequest\x1a\x1b.splitwire.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.splitwire.v1.InferRequest\x1a\x1b.splitwire.v1.InferResponse(\x01\x30\x01\x12J\n\rGetServerInfo\x12\x1f.splitwire.v1.ServerInfoRequest\x1a\x18.splitwire.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitwire/v1/splitwire.proto\x12\x0csplitwire.v1\"\xa4\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\x05split\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x33\n\ngeneration\x18\x06 \x01(\x0b\x32\x1f.splitwire.v1.GenerationOptionsB\x08\n\x06_split\"\x84\x01\n\x11GenerationOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\rB\x08\n\x06_top_p\"\x1f\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"(\n\tNextToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cServerTiming\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x90\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.splitwire.v1.EmbeddingH\x00\x12-\n\nnext_token\x18\x03 \x01(\x0b\x32\x17.splitwire.v1.NextTokenH\x00\x12\x15\n\rpayload_bytes\x18\x04 \x01(\r\x12\x0e\n\x06tokens\x18\x05 \x01(\r\x12*\n\x06timing\x18\x06 \x01(\x0b\x32\x1a.splitwire.v1.ServerTiming\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.splitwire.v1.FinishReasonB\x08\n\x06output\"\x13\n\x11ServerInfoRequest\"m\n\tCodecInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0e\n\x06splits\x18\x04 \x03(\r\x12\x1f\n\x17\x65xpected_bits_per_token\x18\x05 \x01(\x01\"\xce\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x15\n\rdefault_split\x18\x06 \x01(\r\x12\x0e\n\x06splits\x18\x07 \x03(\r\x12\'\n\x06\x63odecs\x18\x08 \x03(\x0b\x32\x17.splitwire.v1.CodecInfo\x12\x15\n\rdefault_codec\x18\t \x01(\t\"\x8c\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x06models\x18\x02 \x03(\x0b\x32\x17.splitwire.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x12\n\nmax_tokens\x18\x05 \x01(\r*m\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x01\x12 \n\x1c\x46INISH_REASON_MAX_NEW_TOKENS\x10\x02\x32\xea\x01\n\x0eSplitInference\x12@\n\x05Infer\x12\x1a.splitwire.v1.InferRequest\x1a\x1b.splitwire.v1.InferResponse\x12J\n\x0bInferStream\x12\x1a.splitwire.v1.InferRequest\x1a\x1b.splitwire.v1.InferResponse(\x01\x30\x01\x12J\n\rGetServerInfo\x12\x1f.splitwire.v1.ServerInfoRequest\x1a\x18.splitwire.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDDING'].fields_by_name['values']._loaded_options = None
   _globals['_EMBEDDING'].fields_by_name['values']._serialized_options = b'\020\001'
-  _globals['_INFERREQUEST']._serialized_start=46
-  _globals['_INFERREQUEST']._serialized_end=157
-  _globals['_EMBEDDING']._serialized_start=159
-  _globals['_EMBEDDING']._serialized_end=190
-  _globals['_NEXTTOKEN']._serialized_start=192
-  _globals['_NEXTTOKEN']._serialized_end=232
-  _globals['_SERVERTIMING']._serialized_start=234
-  _globals['_SERVERTIMING']._serialized_end=323
-  _globals['_INFERRESPONSE']._serialized_start=326
-  _globals['_INFERRESPONSE']._serialized_end=547
-  _globals['_SERVERINFOREQUEST']._serialized_start=549
-  _globals['_SERVERINFOREQUEST']._serialized_end=568
-  _globals['_CODECINFO']._serialized_start=570
-  _globals['_CODECINFO']._serialized_end=679
-  _globals['_MODELINFO']._serialized_start=682
-  _globals['_MODELINFO']._serialized_end=888
-  _globals['_SERVERINFO']._serialized_start=891
-  _globals['_SERVERINFO']._serialized_end=1031
-  _globals['_SPLITINFERENCE']._serialized_start=1034
-  _globals['_SPLITINFERENCE']._serialized_end=1268
+  _globals['_FINISHREASON']._serialized_start=1273
+  _globals['_FINISHREASON']._serialized_end=1382
+  _globals['_INFERREQUEST']._serialized_start=47
+  _globals['_INFERREQUEST']._serialized_end=211
+  _globals['_GENERATIONOPTIONS']._serialized_start=214
+  _globals['_GENERATIONOPTIONS']._serialized_end=346
+  _globals['_EMBEDDING']._serialized_start=348
+  _globals['_EMBEDDING']._serialized_end=379
+  _globals['_NEXTTOKEN']._serialized_start=381
+  _globals['_NEXTTOKEN']._serialized_end=421
+  _globals['_SERVERTIMING']._serialized_start=423
+  _globals['_SERVERTIMING']._serialized_end=512
+  _globals['_INFERRESPONSE']._serialized_start=515
+  _globals['_INFERRESPONSE']._serialized_end=787
+  _globals['_SERVERINFOREQUEST']._serialized_start=789
+  _globals['_SERVERINFOREQUEST']._serialized_end=808
+  _globals['_CODECINFO']._serialized_start=810
+  _globals['_CODECINFO']._serialized_end=919
+  _globals['_MODELINFO']._serialized_start=922
+  _globals['_MODELINFO']._serialized_end=1128
+  _globals['_SERVERINFO']._serialized_start=1131
+  _globals['_SERVERINFO']._serialized_end=1271
+  _globals['_SPLITINFERENCE']._serialized_start=1385
+  _globals['_SPLITINFERENCE']._serialized_end=1619
 # @@protoc_insertion_point(module_scope)

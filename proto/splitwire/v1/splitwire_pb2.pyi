@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,19 +7,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_STOP_TOKEN: _ClassVar[FinishReason]
+    FINISH_REASON_MAX_NEW_TOKENS: _ClassVar[FinishReason]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_STOP_TOKEN: FinishReason
+FINISH_REASON_MAX_NEW_TOKENS: FinishReason
+
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model", "split", "codec", "payload")
+    __slots__ = ("request_id", "model", "split", "codec", "payload", "generation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     split: int
     codec: str
     payload: bytes
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    generation: GenerationOptions
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., split: _Optional[int] = ..., codec: _Optional[str] = ..., payload: _Optional[bytes] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
+
+class GenerationOptions(_message.Message):
+    __slots__ = ("temperature", "top_p", "seed", "max_new_tokens", "stop_token_ids")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    seed: int
+    max_new_tokens: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -47,20 +73,22 @@ class ServerTiming(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "embedding", "next_token", "payload_bytes", "tokens", "timing")
+    __slots__ = ("request_id", "embedding", "next_token", "payload_bytes", "tokens", "timing", "finish_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     embedding: Embedding
     next_token: NextToken
     payload_bytes: int
     tokens: int
     timing: ServerTiming
-    def __init__(self, request_id: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., next_token: _Optional[_Union[NextToken, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+    finish_reason: FinishReason
+    def __init__(self, request_id: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., next_token: _Optional[_Union[NextToken, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -67,7 +67,7 @@ class SplitInferenceServicer:
 
     def InferStream(self, request_iterator, context):
         """Many requests over one stream; answers come back in request order.
-        Decoder models use it for generation sessions.
+        Decoder models also use it for generation sessions (see GenerationOptions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
