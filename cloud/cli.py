@@ -71,8 +71,16 @@ SERVE_OPTIONS = OptionSet(
             "--max-sessions",
             int,
             _DEFAULT.max_sessions,
-            "InferStream streams open at once; more are refused with RESOURCE_EXHAUSTED",
+            "InferStream streams open at once, generation sessions included; more are refused with RESOURCE_EXHAUSTED",
             "N",
+        ),
+        Option(
+            "--session-idle-timeout",
+            float,
+            _DEFAULT.session_idle_timeout_s,
+            "seconds an InferStream stream (a generation session) may send nothing before the server closes "
+            "it with DEADLINE_EXCEEDED and frees its KV cache",
+            "SECONDS",
         ),
         Option(
             "--grace",
@@ -160,6 +168,7 @@ def config_from_values(values: dict[str, object]) -> ServerConfig:
         max_message_bytes=values["max_message_bytes"],
         max_tokens=values["max_tokens"],
         max_sessions=values["max_sessions"],
+        session_idle_timeout_s=values["session_idle_timeout"],
         grace_seconds=values["grace"],
         torch_threads=values["threads"] or default_torch_threads(),
         decode_threads=values["decode_threads"],

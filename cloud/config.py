@@ -35,7 +35,8 @@ class ServerConfig:
     max_queue: int = 256  # requests admitted and waiting (decode or batch queue) before RESOURCE_EXHAUSTED
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_tokens: int | None = None  # None: the model's own limit
-    max_sessions: int = 64  # concurrently open InferStream streams
+    max_sessions: int = 64  # concurrently open InferStream streams (generation sessions among them)
+    session_idle_timeout_s: float = 120.0  # a stream sending nothing this long is closed and its state freed
     grace_seconds: float = 10.0
     torch_threads: int | None = None  # None: leave torch's setting alone (the CLI passes default_torch_threads())
     decode_threads: int = 1  # threads decoding payloads too costly for the event loop
@@ -53,6 +54,8 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
+        if not self.session_idle_timeout_s > 0:
+            raise ValueError(f"session_idle_timeout must be above 0 seconds, got {self.session_idle_timeout_s}")
         if self.max_queue_delay_ms < 0 or self.grace_seconds < 0:
             raise ValueError("max_queue_delay_ms and grace_seconds must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -8,6 +8,12 @@
 Lifecycle: ``load()`` (blocking: weights, codecs, compute process, warm-up) -> ``ready`` -> ``start()``
 on the event loop -> ``infer()`` many times -> ``drain()`` -> ``stop()``.
 
+Generation (decoder models): a session per stream holds the back half's KV cache and sampler
+(:mod:`splitwire.cloud.generation`). Its steps are stateful and come one at a time per session, so they
+are not batched: each runs alone on the compute thread of this process (also when batches go to the
+compute process, whose copy of the model keeps no caches). Sessions are bounded by ``max_sessions``
+(one per stream) and by the servicer's idle timeout; the cache is freed whatever ends the session.
+
 Admission: a request is admitted only while fewer than ``max_queue`` requests wait (being decoded or
 queued for a batch); past that it is refused at once with RESOURCE_EXHAUSTED, before its payload is
 decoded, so waiting work and its memory stay bounded.
@@ -16,10 +22,11 @@ decoded, so waiting work and its memory stay bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,14 +38,16 @@ from splitwire.cloud.batching import Batcher, Compute, on_executor
 from splitwire.cloud.compute_process import ComputeProcess
 from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.cloud.decoding import DecodePlacer
-from splitwire.cloud.errors import InvalidInput, ModelNotReady, NotFound, Overloaded, PeerMismatch
+from splitwire.cloud.errors import InvalidInput, ModelNotReady, NotFound, Overloaded, PeerMismatch, SessionIdle
+from splitwire.cloud.generation import GeneratedToken, GenerationSession, SessionStateError
 from splitwire.cloud.sessions import SessionLimiter
 from splitwire.codec.base import Codec
 from splitwire.codec.catalog import CodecCatalog
 from splitwire.codec.container import Header
 from splitwire.codec.errors import BitstreamError, UnknownCodecError
-from splitwire.split.cut import Cut, InvalidSplitError
-from splitwire.split.models import LoadedModel, load_model, resolve_name
+from splitwire.split.cut import Cut, InvalidSplitError, SplitModel
+from splitwire.split.models import LoadedModel, ModelFamily, load_model, resolve_name
+from splitwire.split.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,15 @@ class InferenceResult:
     batch_size: int
 
 
+@dataclass(frozen=True)
+class GenerationStepResult:
+    token: GeneratedToken
+    header: Header
+    payload_bytes: int
+    decode_s: float
+    compute_s: float
+
+
 class InferenceEngine:
     """One model's back half, its codecs and its batcher."""
 
@@ -65,6 +83,7 @@ class InferenceEngine:
         self.model: LoadedModel | None = None
         self.catalog: CodecCatalog | None = None
         self._back: BackHalf | ComputeProcess | None = None
+        self._decoder: SplitModel | None = None  # generation steps, decoder models only
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwire-compute")
         self._decode = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="splitwire-decode")
         self._placer = DecodePlacer(self._decode)
@@ -106,6 +125,10 @@ class InferenceEngine:
                 process.close()
             raise
         self.model, self.catalog = model, catalog
+        if model.family is ModelFamily.DECODER:
+            self._decoder = SplitModel(model)
+            if process is not None and self.config.torch_threads:
+                torch.set_num_threads(self.config.torch_threads)  # generation steps run in this process
         self._codec_fingerprints = {codec.name: codec.fingerprint() for codec in catalog}
         self._cuts = {split: Cut(model.num_blocks, split) for split in range(model.num_blocks + 1)}
         self._cuts[None] = cut
@@ -247,6 +270,57 @@ class InferenceEngine:
             queue_s=timing.queue_s,
             compute_s=timing.compute_s,
             batch_size=timing.batch_size,
+        )
+
+    @contextlib.contextmanager
+    def generation(self, cut: Cut, codec: Codec, params: SamplingParams) -> Iterator[GenerationSession]:
+        """A generation session for one stream. Its KV cache is freed when the block exits, whatever
+        ends it (finish, the client closing or cancelling, a disconnect, an error, the idle timeout)."""
+        if self.model is None or self._back is None:
+            raise ModelNotReady("the model is not loaded yet")
+        if self._decoder is None:
+            raise InvalidInput(f"{self.model.name} is an encoder: only decoder models generate")
+        session = GenerationSession(self._decoder, cut, codec, params, self.max_tokens)
+        model = self.model.name
+        metrics.GENERATION_SESSIONS.labels(model).inc()
+        reason = "error"
+        try:
+            yield session
+            # Not finished: the client closed its side early. A cancel or disconnect may also end the
+            # request stream that way before the task is cancelled, so both count as "cancelled".
+            reason = session.finished.value if session.finished is not None else "cancelled"
+        except (asyncio.CancelledError, GeneratorExit):
+            reason = "cancelled"
+            raise
+        except SessionIdle:
+            reason = "idle_timeout"
+            raise
+        finally:
+            session.close()
+            metrics.GENERATION_SESSIONS.labels(model).dec()
+            metrics.GENERATION_ENDED.labels(model, reason).inc()
+            log.debug("generation session ended (%s) after %d tokens", reason, session.generated)
+
+    async def generation_step(self, session: GenerationSession, payload: bytes) -> GenerationStepResult:
+        """Decode one payload of ``session`` (the prompt, then one token) and choose the next token."""
+        started = time.monotonic()
+        codec = session.codec
+        header, hidden = await self._placer.run(codec.name, payload, functools.partial(self._decode_payload, codec))
+        try:
+            session.check(header)
+        except SessionStateError as exc:
+            raise InvalidInput(str(exc)) from None
+        decoded = time.monotonic()
+        try:
+            token = await asyncio.get_running_loop().run_in_executor(self._compute, session.advance, hidden)
+        except SessionStateError as exc:
+            raise InvalidInput(str(exc)) from None
+        return GenerationStepResult(
+            token=token,
+            header=header,
+            payload_bytes=len(payload),
+            decode_s=decoded - started,
+            compute_s=time.monotonic() - decoded,
         )
 
     def _decode_payload(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:

@@ -45,6 +45,12 @@ class DeadlineExceeded(ServingError):
     reason = "deadline_exceeded"
 
 
+class SessionIdle(ServingError):
+    """A stream sent nothing for longer than the server's idle timeout (DEADLINE_EXCEEDED)."""
+
+    reason = "session_idle"
+
+
 class Unauthenticated(ServingError):
     """The call carries no bearer token or the wrong one (UNAUTHENTICATED)."""
 

@@ -34,6 +34,7 @@ _STATUS_FOR: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.SessionIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 

@@ -64,6 +64,30 @@ OPEN_SESSIONS = Gauge(
     "splitwire_cloud_open_sessions",
     "Open InferStream sessions (bounded by --max-sessions).",
 )
+GENERATION_SESSIONS = Gauge(
+    "splitwire_cloud_generation_sessions",
+    "Generation sessions holding a back-half KV cache (a subset of the open sessions).",
+    ["model"],
+)
+GENERATION_ENDED = Counter(
+    "splitwire_cloud_generation_sessions_ended_total",
+    "Generation sessions ended, by reason: stop_token, max_new_tokens, cancelled (the client cancelled, "
+    "disconnected or closed its side early), idle_timeout, error. Every end frees the session's KV cache.",
+    ["model", "reason"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "splitwire_cloud_time_to_first_token_seconds",
+    "Generation: from receiving the prompt's hidden states to sending the first new token.",
+    ["model", "codec"],
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "splitwire_cloud_inter_token_latency_seconds",
+    "Generation: between sending consecutive tokens of a session (the edge's front step and the network "
+    "round trip included).",
+    ["model", "codec"],
+    buckets=_LATENCY_BUCKETS,
+)
 MODEL_READY = Gauge(
     "splitwire_cloud_model_ready",
     "1 when the model is loaded and warm, 0 otherwise.",

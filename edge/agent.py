@@ -4,6 +4,12 @@
 
     text --tokenize--> ids (1, T) --blocks [0, k)--> (T, D) --codec--> payload --Infer--> answer
 
+Generation (decoder models) runs over one InferStream stream, the edge keeping the KV cache of blocks
+[0, k) and the server that of blocks [k, L); the server samples and answers one token per step::
+
+    prompt ids (1, T) --front_step--> (T, D) --codec--> payload + GenerationOptions --> first token
+    token id   (1, 1) --front_step--> (1, D) --codec--> payload                     --> next token ... finish
+
 On connect the agent asks the server what it serves and refuses to talk to one whose model or codec
 fingerprint differs from its own; every request also carries both fingerprints as metadata, and the
 bearer token when one is configured. The channel is TLS (mutual with a client certificate) when
@@ -12,8 +18,13 @@ bearer token when one is configured. The channel is TLS (mutual with a client ce
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
+import statistics
+import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,6 +36,7 @@ from splitwire.codec.container import bits_per_token
 from splitwire.edge import metrics
 from splitwire.split.cut import Cut, SplitModel
 from splitwire.split.models import DEFAULT_MODEL, LoadedModel, ModelFamily, load_model
+from splitwire.split.sampling import SamplingParams
 from splitwire.split.security import ClientSecurity, CredentialsError
 from splitwire.split.transport import (
     CODEC_FINGERPRINT_KEY,
@@ -95,6 +107,76 @@ class EdgeResult:
             out["next_token_id"] = self.next_token_id
             out["next_token"] = self.next_token
         return out
+
+
+@dataclass
+class GenerationResult:
+    """One generation through the split: the new tokens and what they cost on the edge and on the wire."""
+
+    prompt: str
+    codec: str
+    split: int
+    prompt_tokens: int
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop_token" or "max_new_tokens"
+    payload_bytes: int  # every payload sent: the prompt's, then one per step
+    message_bytes: int  # the serialised InferRequests, protobuf framing included
+    tokens_sent: int  # hidden states sent: the prompt's tokens, then one per step
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    inter_token_ms: list[float] = field(default_factory=list)  # between consecutive tokens received
+
+    @property
+    def bits_per_token(self) -> float:
+        return bits_per_token(self.payload_bytes, self.tokens_sent)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": len(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "codec": self.codec,
+            "split": self.split,
+            "prompt_tokens": self.prompt_tokens,
+            "tokens_sent": self.tokens_sent,
+            "payload_bytes": self.payload_bytes,
+            "message_bytes": self.message_bytes,
+            "bits_per_token": round(self.bits_per_token, 3),
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "inter_token_ms": [round(v, 3) for v in self.inter_token_ms],
+        }
+
+
+_FINISH_NAMES = {
+    pb.FINISH_REASON_STOP_TOKEN: "stop_token",
+    pb.FINISH_REASON_MAX_NEW_TOKENS: "max_new_tokens",
+}
+
+
+class _StepWatchdog:
+    """Cancels a streaming call when one answer takes longer than ``timeout_s``."""
+
+    def __init__(self, call: grpc.Call, timeout_s: float) -> None:
+        self._call, self._timeout_s = call, timeout_s
+        self._timer: threading.Timer | None = None
+        self.fired = False
+
+    def next(self, responses: Iterator[pb.InferResponse]) -> pb.InferResponse | None:
+        """The next answer, None when the server has ended the stream."""
+        self._timer = threading.Timer(self._timeout_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+        try:
+            return next(responses, None)
+        finally:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._call.cancel()
 
 
 class EdgeAgent:
@@ -247,6 +329,177 @@ class EdgeAgent:
             result.next_token_id = response.next_token.id
             result.next_token = self.model.tokenizer.decode([response.next_token.id])
         self._observe(result)
+        return result
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of ``prompt``; with ``chat``, of a user turn in the tokenizer's chat template."""
+        assert self.model is not None
+        tokenizer = self.model.tokenizer
+        if chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise EdgeError(f"{self.model.name}'s tokenizer has no chat template; leave out --chat")
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, Mapping):  # transformers 5 answers with a BatchEncoding
+                ids = ids["input_ids"]
+            ids = [int(i) for i in ids]
+        else:
+            input_ids, _ = self.model.tokenize([prompt])
+            ids = input_ids[0].tolist()
+        if not ids:
+            raise EdgeError("the prompt is empty: generation needs at least one token")
+        return ids
+
+    def stop_tokens(self) -> frozenset[int]:
+        """The model's end-of-sequence token(s): where generation stops unless told otherwise."""
+        assert self.model is not None
+        hf = self.model.hf_model
+        found: set[int] = set()
+        for source in (getattr(hf, "generation_config", None), hf.config):
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                found.update([eos] if isinstance(eos, int) else eos)
+        return frozenset(int(token) for token in found)
+
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        *,
+        chat: bool = False,
+        on_token: Callable[[int, str], None] | None = None,
+    ) -> GenerationResult:
+        """Generate after ``prompt`` through the split, the server choosing each token.
+
+        ``on_token(token_id, text)`` is called as each token arrives, with the text it adds (possibly
+        empty while a multi-byte character is incomplete). Needs ``params.max_new_tokens`` >= 1.
+        """
+        if self._stub is None:
+            self.connect()
+        assert self._stub and self.model and self._split_model and self.codec and self.cut
+        if self.model.family is not ModelFamily.DECODER:
+            raise EdgeError(f"{self.model.name} is an encoder: generate needs a decoder model (use run)")
+        if params.max_new_tokens < 1:
+            raise EdgeError("max_new_tokens must be at least 1")
+        started = time.perf_counter()
+        ids = self.prompt_ids(prompt, chat)
+        tokenized = time.perf_counter()
+        cache = self._split_model.new_cache(self.cut.front)
+        metadata = (
+            *self._auth,
+            (MODEL_FINGERPRINT_KEY, self.model.fingerprint),
+            (CODEC_FINGERPRINT_KEY, self.codec.fingerprint()),
+        )
+        tokenizer = self.model.tokenizer
+        front_s = encode_s = 0.0
+        payload_bytes = message_bytes = tokens_sent = 0
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        arrivals: list[float] = []
+        text = ""
+        finish = ""
+
+        def request_for(new_ids: list[int]) -> pb.InferRequest:
+            nonlocal front_s, encode_s, payload_bytes, message_bytes, tokens_sent
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                hidden = self._split_model.front_step(cache, torch.tensor([new_ids], dtype=torch.long))[0]
+            t1 = time.perf_counter()
+            payload = self.codec.encode_payload(hidden)  # every token: the server's cache needs each position
+            front_s, encode_s = front_s + t1 - t0, encode_s + time.perf_counter() - t1
+            request = pb.InferRequest(payload=payload)
+            payload_bytes += len(payload)
+            tokens_sent += len(new_ids)
+            metrics.PAYLOAD_BYTES.labels(self.model.name, self.codec.name).observe(len(payload))
+            return request
+
+        outbox: queue.Queue[pb.InferRequest | None] = queue.Queue()
+        call = self._stub.InferStream(iter(outbox.get, None), metadata=metadata)
+        watchdog = _StepWatchdog(call, self.config.timeout_s)
+        try:
+            opening = request_for(ids)
+            opening.model, opening.split, opening.codec = self.model.name, self.cut.to_wire(), self.codec.name
+            opening.generation.CopyFrom(
+                pb.GenerationOptions(
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    seed=params.seed,
+                    max_new_tokens=params.max_new_tokens,
+                    stop_token_ids=sorted(params.stop_tokens),
+                )
+            )
+            self._check_size(opening)
+            message_bytes += opening.ByteSize()
+            outbox.put(opening)
+            while True:
+                response = watchdog.next(call)
+                if response is None or not response.HasField("next_token"):
+                    raise EdgeError("the server ended the generation without a final token; see its log")
+                arrivals.append(time.perf_counter())
+                token = response.next_token.id
+                tokens.append(token)
+                logprobs.append(response.next_token.logprob)
+                decoded = tokenizer.decode(tokens, skip_special_tokens=True)
+                if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    added, text = decoded[len(text) :], decoded
+                    if on_token is not None:
+                        on_token(token, added)
+                if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    finish = _FINISH_NAMES.get(response.finish_reason, "unknown")
+                    break
+                step = request_for([token])
+                message_bytes += step.ByteSize()
+                outbox.put(step)
+            outbox.put(None)  # half-close; the server has ended its side
+            while watchdog.next(call) is not None:
+                pass
+        except grpc.RpcError as exc:
+            metrics.REQUESTS.labels(exc.code().name).inc()
+            if watchdog.fired:
+                raise EdgeError(
+                    f"no token from the server within {self.config.timeout_s:g} s (--timeout); generation stopped"
+                ) from None
+            raise EdgeError(f"server refused the generation: {self._explain(exc)}") from None
+        finally:
+            outbox.put(None)
+            call.cancel()  # no-op once the call has ended
+        metrics.REQUESTS.labels("OK").inc()
+        done = time.perf_counter()
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        inter_token = [1000 * (b - a) for a, b in itertools.pairwise(arrivals)]
+        labels = (self.model.name, self.codec.name)
+        metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(arrivals[0] - started)
+        for gap in inter_token:
+            metrics.INTER_TOKEN_LATENCY.labels(*labels).observe(gap / 1000)
+        timings = {
+            "tokenize": 1000 * (tokenized - started),
+            "ttft": 1000 * (arrivals[0] - started),
+            "front": 1000 * front_s,
+            "encode": 1000 * encode_s,
+            "total": 1000 * (done - started),
+        }
+        if inter_token:
+            timings["inter_token_median"] = statistics.median(inter_token)
+            timings["per_token_mean"] = statistics.fmean(inter_token)
+        result = GenerationResult(
+            prompt=prompt,
+            codec=self.codec.name,
+            split=self.cut.split,
+            prompt_tokens=len(ids),
+            token_ids=tokens,
+            logprobs=logprobs,
+            text=text,
+            finish_reason=finish,
+            payload_bytes=payload_bytes,
+            message_bytes=message_bytes,
+            tokens_sent=tokens_sent,
+            timings_ms=timings,
+            inter_token_ms=inter_token,
+        )
+        metrics.BITS_PER_TOKEN.labels(*labels).observe(result.bits_per_token)
         return result
 
     def _observe(self, result: EdgeResult) -> None:

@@ -1,4 +1,4 @@
-"""``splitwire-edge``: run texts through the split from the command line.
+"""``splitwire-edge``: run texts through the split, or generate with a decoder, from the command line.
 
 Connection options can be given as flags, as environment variables ``SPLITWIRE_EDGE_<OPTION>`` or in
 a TOML file (``--config``, keys at the top level or under ``[edge]``), in that order of precedence.
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError, EdgeResult
+from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError, EdgeResult, GenerationResult
 from splitwire.split.models import MODELS
+from splitwire.split.sampling import SamplingParams
 from splitwire.split.security import CLIENT_SECURITY_OPTIONS, client_security
 from splitwire.split.settings import Option, OptionSet
 
@@ -75,6 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_args(sim)
     sim.add_argument("text_a", metavar="A")
     sim.add_argument("text_b", metavar="B")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with a decoder model through the split, streaming tokens as they arrive",
+        description="The edge runs blocks [0, split) with its own KV cache and sends the prompt's hidden states, "
+        "then one token's per step; the server runs the rest, chooses each token (greedy, or sampled with "
+        "--temperature/--top-p/--seed) and sends it back. Stops at the model's end-of-sequence token or after "
+        "--max-new-tokens. --timeout bounds the wait for each token.",
+    )
+    CONNECTION_OPTIONS.add_to(gen)
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object at the end instead of streaming the text"
+    )
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most new tokens (default: 64)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 is greedy (the default); above 0 samples"
+    )
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default: 0)")
+    gen.add_argument("prompt", metavar="PROMPT", help="the text to continue (with --chat: the user's message)")
     return parser
 
 
@@ -117,6 +138,38 @@ def _similarity(agent: EdgeAgent, args: argparse.Namespace) -> None:
         print(f"  {sent} B sent for {tokens} tokens ({a.codec}, split {a.split})")
 
 
+def _generate(agent: EdgeAgent, args: argparse.Namespace) -> None:
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more, got {args.seed}")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=agent.stop_tokens(),
+    )
+
+    def show(token: int, text: str) -> None:
+        print(text, end="", flush=True)
+
+    result = agent.generate(args.prompt, params, chat=args.chat, on_token=None if args.json else show)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(flush=True)
+        print(_generation_summary(result), file=sys.stderr)
+
+
+def _generation_summary(result: GenerationResult) -> str:
+    t = result.timings_ms
+    per_token = f", {t['inter_token_median']:.1f} ms/token (median)" if "inter_token_median" in t else ""
+    return (
+        f"[{len(result.token_ids)} tokens, {result.finish_reason}; {result.payload_bytes} B sent for "
+        f"{result.tokens_sent} tokens, {result.bits_per_token:.1f} bits/token ({result.codec}, split "
+        f"{result.split}); time to first token {t['ttft']:.1f} ms{per_token}]"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -131,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             agent.connect()
             if args.command == "run":
                 _run(agent, args)
+            elif args.command == "generate":
+                _generate(agent, args)
             else:
                 _similarity(agent, args)
     except (EdgeError, ValueError, LookupError, OSError) as exc:

@@ -31,3 +31,15 @@ REQUESTS = Counter(
     "Requests sent to the cloud, by gRPC status code of the answer.",
     ["code"],
 )
+TIME_TO_FIRST_TOKEN = Histogram(
+    "splitwire_edge_time_to_first_token_seconds",
+    "Generation: from the prompt (before tokenizing) to the first new token received.",
+    ["model", "codec"],
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "splitwire_edge_inter_token_latency_seconds",
+    "Generation: between consecutive tokens received (front step, encode and round trip).",
+    ["model", "codec"],
+    buckets=_LATENCY_BUCKETS,
+)
