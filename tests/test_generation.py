@@ -240,6 +240,37 @@ def test_cancelling_a_stream_frees_its_session(server: ServerThread, tiny_llama:
     assert ended(server, "cancelled") == before + 1
 
 
+_HANGING_EDGE = """
+import sys, time
+from splitwire.edge.agent import EdgeAgent, EdgeConfig
+from splitwire.split.sampling import SamplingParams
+
+def hang(token, text):
+    print("first token", flush=True)
+    time.sleep(600)
+
+with EdgeAgent(EdgeConfig(server=sys.argv[1], model="tiny-llama", codec="fp32")) as agent:
+    agent.generate("a prompt", SamplingParams(max_new_tokens=50), on_token=hang)
+"""
+
+
+def test_killing_the_edge_mid_generation_frees_its_session(server: ServerThread) -> None:
+    """A disconnect frees the session at once, long before the idle timeout (120 s here)."""
+    before = ended(server, "cancelled")
+    edge = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_EDGE, server.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = edge.stdout.readline()
+        assert line == "first token\n", edge.stderr.read() if edge.poll() is not None else line
+        assert open_sessions(server) == 1
+    finally:
+        edge.kill()
+        edge.wait()
+    wait_for(lambda: open_sessions(server) == 0, seconds=5)
+    assert ended(server, "cancelled") == before + 1
+
+
 def test_a_client_closing_early_frees_its_session(server: ServerThread, tiny_llama: LoadedModel) -> None:
     before = ended(server, "cancelled")
     stream = RawStream(server, tiny_llama)
