@@ -1,7 +1,8 @@
-"""A limit on concurrently open sessions (InferStream streams; later, generation sessions).
+"""A limit on concurrently open sessions (InferStream streams, generation sessions among them).
 
-Each open session holds a connection's buffers and, for decoders, will hold cached state: the limit
-bounds that memory. Single event loop, so a plain counter is enough.
+Each open session holds a connection's buffers and, for a generation, the back half's KV cache: the
+limit bounds that memory (with the servicer's idle timeout, which closes streams that went quiet).
+Single event loop, so a plain counter is enough.
 """
 
 from __future__ import annotations
