@@ -1,0 +1,35 @@
+"""Rewrite the golden codec fixtures: one small checkpoint per codec kind, the payload it gives for a
+seeded input, and what that payload decodes to.
+
+Run only when the bitstream format changes on purpose (peers deployed with the old format will no longer
+agree): ``.venv/bin/python tests/data/golden/regenerate.py``. Checkpoints are committed because their
+integer tables come from float arithmetic that may differ in the last bit between CPUs; the tables, once
+stored, are what both peers use.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from splitwire.codec.learned import save_checkpoint  # noqa: E402
+from test_learned_codecs import KINDS, build, golden_input  # noqa: E402
+
+
+def main() -> None:
+    for kind in KINDS:
+        codec = build(kind)
+        save_checkpoint(codec.module, codec.kind, HERE / f"{kind}.safetensors")
+        payload = codec.encode_payload(golden_input())
+        (HERE / f"{kind}.payload").write_bytes(payload)
+        np.save(HERE / f"{kind}.decoded.npy", codec.decode_payload(payload)[1].numpy())
+        print(f"{kind}: {len(payload)} bytes")
+
+
+if __name__ == "__main__":
+    main()
