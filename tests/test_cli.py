@@ -44,7 +44,7 @@ def test_run_prints_one_json_object_per_input_and_saves_the_payload(cloud, tmp_p
     assert done.returncode == 0, done.stderr
     (line,) = done.stdout.strip().splitlines()
     result = json.loads(line)
-    assert result["tokens"] == 4 and result["codec"] == "fp16" and result["split"] == 3
+    assert result["tokens"] == 4 and result["codec"] == "fp16" and result["split"] == 5
     assert len(result["embedding"]) == 384
     assert result["payload_bytes"] == saved.stat().st_size == 3 + 4 * 384 * 2
     assert result["bits_per_token"] == pytest.approx(result["payload_bytes"] * 8 / 4, abs=1e-3)
