@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--codec", default=None, help="codec names, comma-separated (default: every codec)")
     rd.add_argument("--json", type=Path, required=True, help="where to write the results")
     rd.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default: next to --json)")
-    rd.add_argument("--max-tokens", type=int, default=None, help="lm: evaluate at most N tokens")
+    rd.add_argument("--max-tokens", type=int, default=None, help="lm: evaluate at most N tokens (default: all)")
+    rd.add_argument("--window", type=int, default=512, help="lm: tokens per window (one payload each)")
     rd.add_argument(
         "--record-manifest", action="store_true", help="store the figures of shipped codecs in their manifest"
     )
@@ -194,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--token-gate", action="store_true", help="learn to drop tokens on the edge")
     train.add_argument(
         "--context-channels", type=int, default=0, help="hyperprior: per-sequence context sent once per payload"
+    )
+    train.add_argument(
+        "--raw-token-threshold",
+        type=float,
+        default=0.0,
+        help="hyperprior: send tokens with a value beyond this magnitude as float16 (0: never); decoder LMs "
+        "need it for their attention-sink tokens",
+    )
+    train.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="encoders: truncate training sentences here (default 64); decoders: window length (default 128)",
     )
     train.add_argument("--step", type=float, default=0.5, help="uniform, pca: quantisation step in standard deviations")
     train.add_argument("--components", type=int, default=64, help="pca")

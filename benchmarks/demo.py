@@ -9,7 +9,7 @@ import json
 import numpy as np
 import torch
 from splitwire.benchmarks import datasets
-from splitwire.benchmarks.rd import run_through_codec, spearman_x100
+from splitwire.benchmarks.rd import run_through_codec, spearman_x100, tokenized
 from splitwire.codec.catalog import BUILTIN_CODECS
 from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError
 from splitwire.split.cut import Cut
@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = datasets.read_stsb(args.data or datasets.STSB_DEV)[: args.pairs]
     texts = datasets.stsb_sentences(pairs)
     gold = np.array([p.score for p in pairs])
-    reference = run_through_codec(model, Cut(model.num_blocks, model.num_blocks), None, texts).outputs
+    everything = Cut(model.num_blocks, model.num_blocks)
+    reference = run_through_codec(model, everything, None, tokenized(model, texts)).outputs
     unsplit = dict(zip(texts, reference, strict=True))
     unsplit_cos = np.array([float(torch.dot(unsplit[p.first], unsplit[p.second])) for p in pairs])
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from splitwire.benchmarks.datasets import SentencePair
 from splitwire.codec.base import Codec
 from splitwire.codec.container import bits_per_token
-from splitwire.split.cut import Cut, SplitModel
+from splitwire.split.cut import Cut, SplitModel, positions_from_mask
 from splitwire.split.models import LoadedModel
 
 
@@ -79,33 +80,68 @@ class Coded:
         }
 
 
-def run_through_codec(model: LoadedModel, cut: Cut, codec: Codec | None, texts: Sequence[str]) -> Coded:
-    """Each text alone through front -> payload -> back; ``codec=None`` runs the unsplit model."""
+# What the cloud half computes from one sequence: (split model, cut, input ids (1, T), hidden state at the
+# split (1, T', D), which of them are real (1, T'), their original positions (1, T')) -> one output row.
+Output = Callable[[SplitModel, Cut, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def task_output(
+    split_model: SplitModel, cut: Cut, ids: torch.Tensor, hidden: torch.Tensor, kept: torch.Tensor, positions
+) -> torch.Tensor:
+    """The model's own answer: a sentence embedding (encoders), next-token logits (decoders)."""
+    return split_model.run_back(cut, hidden, kept, positions)[0]
+
+
+def next_token_loss(
+    split_model: SplitModel, cut: Cut, ids: torch.Tensor, hidden: torch.Tensor, kept: torch.Tensor, positions
+) -> torch.Tensor:
+    """``[summed negative log-likelihood (nats) of tokens 1..T-1, their count]``: perplexity's ingredients."""
+    if hidden.shape[1] != ids.shape[1]:
+        raise ValueError("next-token loss needs every token; this codec dropped some")
+    logits = split_model.token_logits(cut, hidden, kept, positions)[0]
+    nll = F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum")
+    return torch.stack([nll, torch.tensor(float(ids.shape[1] - 1))])
+
+
+def run_through_codec(
+    model: LoadedModel,
+    cut: Cut,
+    codec: Codec | None,
+    sequences: Sequence[torch.Tensor],
+    output: Output = task_output,
+) -> Coded:
+    """Each sequence of token ids ``(1, T)`` alone through front -> payload -> back; ``codec=None`` runs
+    the unsplit model (pass the cut after the last block)."""
     split_model = SplitModel(model)
     outputs = []
     payload_bytes = tokens = 0
     estimated = encode_s = decode_s = 0.0
     with torch.inference_mode():
-        for text in texts:
-            ids, mask = model.tokenize([text])
-            tokens += int(mask.sum())
+        for ids in sequences:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            tokens += ids.shape[1]
+            hidden = split_model.run_front(cut, ids, mask)
             if codec is None:
-                outputs.append(split_model.run_unsplit(ids, mask)[0])
+                outputs.append(output(split_model, cut, ids, hidden, mask, positions_from_mask(mask)))
                 continue
-            hidden = split_model.run_front(cut, ids, mask)[0]
             t0 = time.perf_counter()
-            payload = codec.encode_sequence(hidden)
+            payload = codec.encode_sequence(hidden[0])
             t1 = time.perf_counter()
             header, decoded = codec.decode_payload(payload)
             t2 = time.perf_counter()
             encode_s += t1 - t0
             decode_s += t2 - t1
             payload_bytes += len(payload)
-            estimated += codec.estimate_bits(decoded_input(hidden, header))
+            estimated += codec.estimate_bits(decoded_input(hidden[0], header))
             positions = torch.from_numpy(np.flatnonzero(header.kept_mask()))[None]
             kept = torch.ones(1, decoded.shape[0], dtype=torch.bool)
-            outputs.append(split_model.run_back(cut, decoded[None], kept, positions)[0])
-    return Coded(torch.stack(outputs), payload_bytes, estimated, tokens, encode_s, decode_s, len(texts))
+            outputs.append(output(split_model, cut, ids, decoded[None], kept, positions))
+    return Coded(torch.stack(outputs), payload_bytes, estimated, tokens, encode_s, decode_s, len(sequences))
+
+
+def tokenized(model: LoadedModel, texts: Sequence[str]) -> list[torch.Tensor]:
+    """Each text's token ids ``(1, T)``, as the edge would tokenise it alone."""
+    return [model.tokenize([text])[0] for text in texts]
 
 
 def decoded_input(hidden: torch.Tensor, header) -> torch.Tensor:

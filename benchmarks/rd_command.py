@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,16 @@ import torch
 from splitwire.benchmarks import datasets
 from splitwire.benchmarks.bdrate import bd_rate
 from splitwire.benchmarks.plots import plot_rate_distortion
-from splitwire.benchmarks.rd import RateRow, codec_overhead_ratio, run_through_codec, stsb_quality
+from splitwire.benchmarks.rd import (
+    Output,
+    RateRow,
+    codec_overhead_ratio,
+    next_token_loss,
+    run_through_codec,
+    stsb_quality,
+    task_output,
+    tokenized,
+)
 from splitwire.benchmarks.shipping import record_figures
 from splitwire.codec.catalog import CodecCatalog, read_manifest
 from splitwire.split.cut import Cut
@@ -27,11 +37,12 @@ QUALITY_NAMES = {
 
 
 class Task:
-    """Texts to send through each codec and how to score the outputs."""
+    """Token sequences to send through each codec, what the cloud computes from each, how to score that."""
 
     name: str
     higher_is_better = True
-    texts: list[str]
+    sequences: list[torch.Tensor]  # token ids (1, T) each
+    output: Output = staticmethod(task_output)
     data: Path
 
     def score(self, outputs: torch.Tensor) -> float:
@@ -41,10 +52,11 @@ class Task:
 class StsbTask(Task):
     name = "stsb"
 
-    def __init__(self, data: Path | None, rows: slice) -> None:
+    def __init__(self, model: LoadedModel, data: Path | None, rows: slice) -> None:
         self.data = data or datasets.STSB_DEV
         self.pairs = datasets.read_stsb(self.data)[rows]
         self.texts = datasets.stsb_sentences(self.pairs)
+        self.sequences = tokenized(model, self.texts)
 
     def score(self, outputs: torch.Tensor) -> float:
         return stsb_quality(dict(zip(self.texts, outputs, strict=True)), self.pairs)
@@ -71,7 +83,7 @@ class ClassifyTask(Task):
             training, evaluation = evaluation[:half], evaluation[half:]
         training = training[:train_limit] if train_limit else training
         evaluation = evaluation[rows]
-        self.texts = [text for text, _ in evaluation]
+        self.sequences = tokenized(model, [text for text, _ in evaluation])
         self.labels = np.array([label for _, label in evaluation])
         train_embeddings = _unsplit_batched(model, [text for text, _ in training])
         self.head = LogisticRegression(max_iter=2000)
@@ -80,6 +92,28 @@ class ClassifyTask(Task):
 
     def score(self, outputs: torch.Tensor) -> float:
         return float(100.0 * np.mean(self.head.predict(outputs.numpy()) == self.labels))
+
+
+class LmTask(Task):
+    """Perplexity of a decoder LM on a WikiText file: its lines joined by newlines, tokenised once, cut
+    into non-overlapping windows (each window one payload, each token predicted from its window only)."""
+
+    name = "lm"
+    higher_is_better = False
+    output = staticmethod(next_token_loss)
+
+    def __init__(self, model: LoadedModel, data: Path | None, rows: slice, window: int, max_tokens: int | None) -> None:
+        self.data = data or datasets.WIKITEXT2_VALID
+        ids = model.tokenizer("\n".join(datasets.read_wikitext(self.data)[rows]))["input_ids"]
+        usable = len(ids) if max_tokens is None else min(len(ids), max_tokens)
+        if usable < window:
+            raise ValueError(f"{self.data} gives {usable} tokens, fewer than one window of {window}")
+        self.sequences = [torch.tensor(ids[i : i + window])[None] for i in range(0, usable - window + 1, window)]
+        self.window = window
+
+    def score(self, outputs: torch.Tensor) -> float:
+        """``outputs`` ``(N, 2)``: summed loss and token count per window -> perplexity."""
+        return math.exp(float(outputs[:, 0].sum() / outputs[:, 1].sum()))
 
 
 def _unsplit_batched(model: LoadedModel, texts: list[str], batch: int = 128) -> np.ndarray:
@@ -133,20 +167,22 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.slice:
         start, _, stop = args.slice.partition(":")
         rows_slice = slice(int(start) if start else None, int(stop) if stop else None)
+    wanted_family = ModelFamily.DECODER if args.task == "lm" else ModelFamily.ENCODER
+    if model.family is not wanted_family:
+        article = "an" if wanted_family is ModelFamily.ENCODER else "a"
+        raise ValueError(f"--task {args.task} needs {article} {wanted_family.value} model; {model.name} is not one")
+    task: Task
     if args.task == "lm":
-        raise NotImplementedError("--task lm is served by the decoder-model benchmark; see `rd --model smollm2`")
-    if model.family is not ModelFamily.ENCODER:
-        raise ValueError(f"--task {args.task} needs an encoder model; {model.name} is a decoder")
-    task: Task = (
-        StsbTask(args.data, rows_slice)
-        if args.task == "stsb"
-        else ClassifyTask(model, args.data, args.train, rows_slice, args.train_limit)
-    )
+        task = LmTask(model, args.data, rows_slice, args.window, args.max_tokens)
+    elif args.task == "stsb":
+        task = StsbTask(model, args.data, rows_slice)
+    else:
+        task = ClassifyTask(model, args.data, args.train, rows_slice, args.train_limit)
     catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
     wanted = args.codec.split(",") if args.codec else None
     everything = Cut(model.num_blocks, model.num_blocks)
-    unsplit = task.score(run_through_codec(model, everything, None, task.texts).outputs)
-    print(f"unsplit {model.name}: {QUALITY_NAMES[task.name]} = {unsplit:.2f} on {len(task.texts)} inputs")
+    unsplit = task.score(run_through_codec(model, everything, None, task.sequences, task.output).outputs)
+    print(f"unsplit {model.name}: {QUALITY_NAMES[task.name]} = {unsplit:.2f} on {len(task.sequences)} inputs")
     rows: list[RateRow] = []
     for split in _splits(args.split, model):
         cut = Cut(model.num_blocks, split)
@@ -155,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             codec = catalog.get(name)
             if not codec.valid_at(split):
                 raise ValueError(f"codec {name} is not valid at split {split} (trained for {list(codec.splits)})")
-            coded = run_through_codec(model, cut, codec, task.texts)
+            coded = run_through_codec(model, cut, codec, task.sequences, task.output)
             row = RateRow(
                 codec=name,
                 kind=codec.kind.label,
@@ -188,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "task": task.name,
         "quality_name": QUALITY_NAMES[task.name],
         "data": str(task.data),
-        "rows_evaluated": len(task.texts),
+        "rows_evaluated": len(task.sequences),
         "unsplit_quality": unsplit,
         "rows": [row.to_json(fp16_bits_per_token=16.0 * model.hidden_size) for row in rows],
         "bd_rate": bd,

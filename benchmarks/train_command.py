@@ -14,11 +14,13 @@ from splitwire.codec.fitted import PcaModel, UniformModel
 from splitwire.codec.learned import CodingModel, save_checkpoint
 from splitwire.codec.train import TrainConfig, train_codec
 from splitwire.split.cut import Cut, SplitModel
-from splitwire.split.models import LoadedModel, load_model
+from splitwire.split.models import LoadedModel, ModelFamily, load_model
 
 # STS-B train pairs kept out of codec training, for choosing between codecs without touching dev.
 STSB_SELECTION_PAIRS = 500
 SST2_TRAIN_SENTENCES = 20_000
+ENCODER_TRUNCATION = 64  # training sentences are cut here (STS-B and SST-2 sentences rarely reach it)
+DECODER_WINDOW = 128  # decoders train on windows of the joined texts this long
 FIT_SENTENCES = 4000  # sentences whose hidden states the non-learned baselines are fitted on
 
 
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
                 scale_count=args.scale_count,
                 scale_max=args.scale_max,
                 context_channels=args.context_channels,
+                raw_token_threshold=args.raw_token_threshold,
             )
         config = TrainConfig(
             kind=kind,
@@ -97,12 +100,16 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             lmbda=args.lmbda,
             steps=args.steps,
             batch_tokens=args.batch_tokens,
+            max_tokens=args.max_tokens
+            or (DECODER_WINDOW if model.family is ModelFamily.DECODER else ENCODER_TRUNCATION),
             lr=args.lr,
             seed=args.seed,
             module=module_args,
         )
         module = train_codec(model, texts, config, out, progress=None if args.no_progress else _progress_bar())
-        training.update(steps=args.steps, lr=args.lr, seed=args.seed, batch_tokens=args.batch_tokens)
+        training.update(
+            steps=args.steps, lr=args.lr, seed=args.seed, batch_tokens=args.batch_tokens, max_tokens=config.max_tokens
+        )
     entry = {
         "name": name,
         "kind": kind.label,

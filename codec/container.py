@@ -56,7 +56,8 @@ class Header:
         return np.ones(self.tokens, dtype=bool) if self.token_mask is None else self.token_mask
 
 
-def _write_varint(value: int, out: bytearray) -> None:
+def write_varint(value: int, out: bytearray) -> None:
+    """Append ``value`` as an unsigned LEB128 varint."""
     if value < 0:
         raise ValueError(f"varint must be non-negative, got {value}")
     while True:
@@ -69,11 +70,12 @@ def _write_varint(value: int, out: bytearray) -> None:
             return
 
 
-def _read_varint(data: memoryview, offset: int, field: str) -> tuple[int, int]:
+def read_varint(data: memoryview, offset: int, field: str, part: str = "header") -> tuple[int, int]:
+    """The varint at ``offset`` and the offset after it; ``field`` and ``part`` name it in errors."""
     value = 0
     for i in range(_MAX_VARINT_BYTES):
         if offset + i >= len(data):
-            raise BitstreamError(f"truncated header: {field} ends after {len(data)} bytes")
+            raise BitstreamError(f"truncated {part}: {field} ends after {len(data)} bytes")
         byte = data[offset + i]
         value |= (byte & 0x7F) << (7 * i)
         if not byte & 0x80:
@@ -92,9 +94,9 @@ def pack(header: Header, body: bytes) -> bytes:
     out = bytearray([(MAGIC_NIBBLE << 4) | VERSION])
     flags = (_FLAG_TOKEN_MASK if header.token_mask is not None else 0) | (_FLAG_WIDTH if header.explicit_width else 0)
     out.append(flags | header.codec_kind)
-    _write_varint(header.tokens, out)
+    write_varint(header.tokens, out)
     if header.explicit_width:
-        _write_varint(header.width, out)
+        write_varint(header.width, out)
     if header.token_mask is not None:
         mask = np.asarray(header.token_mask, dtype=bool)
         if mask.shape != (header.tokens,):
@@ -128,11 +130,11 @@ def parse(
     if flags & _RESERVED_FLAGS:
         raise BitstreamError(f"reserved header flags are set (0x{flags:02x})")
     kind = flags & _KIND_BITS
-    tokens, offset = _read_varint(data, 2, "token count")
+    tokens, offset = read_varint(data, 2, "token count")
     if not 1 <= tokens <= max_tokens:
         raise BitstreamError(f"header claims {tokens} tokens; allowed are 1 to {max_tokens}")
     if flags & _FLAG_WIDTH:
-        width, offset = _read_varint(data, offset, "width")
+        width, offset = read_varint(data, offset, "width")
         if not 1 <= width <= max_width:
             raise BitstreamError(f"header claims width {width}; allowed are 1 to {max_width}")
     mask = None

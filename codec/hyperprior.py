@@ -17,6 +17,11 @@ of every symbol is bit-identical on the encoder and the decoder whatever the mac
 With ``context_channels > 0`` a per-sequence context ``c`` (the mean over tokens of ``g_c(hidden)``,
 quantised and coded once per payload) joins ``z_hat`` at the input of ``h_s`` and ``y_hat`` at the
 input of ``g_s``: what all tokens share is sent once instead of once per token.
+
+With ``raw_token_threshold > 0``, a token whose largest absolute value exceeds the threshold is sent
+apart, as float16, ahead of the coded stream. Decoder LMs put activations in the tens of thousands on a
+few tokens (the attention sink, usually the first token); no Gaussian table covers those, and
+letting them into the statistics would flatten every other token's standardised values.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
+from splitwire.codec.container import read_varint, write_varint
 from splitwire.codec.entropy import (
     CodedStream,
     DeepFactorizedDensity,
@@ -34,6 +40,7 @@ from splitwire.codec.entropy import (
     gaussian_likelihood,
     table_bits,
 )
+from splitwire.codec.errors import BitstreamError
 from splitwire.codec.learned import (
     CodingModel,
     LearnedCodec,
@@ -47,6 +54,7 @@ from splitwire.codec.learned import (
 )
 
 FRACTION_BITS = 12  # fixed-point precision of the integer h_s, per layer
+FLOAT16_MAX = 65504.0
 
 
 class HyperpriorModel(CodingModel):
@@ -63,6 +71,7 @@ class HyperpriorModel(CodingModel):
         scale_max: float = 64.0,
         token_gate: bool = False,
         context_channels: int = 0,
+        raw_token_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = {
@@ -78,6 +87,9 @@ class HyperpriorModel(CodingModel):
             "token_gate": token_gate,
             "context_channels": context_channels,
         }
+        if raw_token_threshold:  # absent when off, so codecs trained before it keep their fingerprints
+            self.config["raw_token_threshold"] = raw_token_threshold
+        self.width, self.raw_token_threshold = width, raw_token_threshold
         self.channels, self.side_channels = latent_channels, side_channels
         self.scale_min, self.scale_max = scale_min, scale_max
         self.standardize = Standardizer(width)
@@ -115,9 +127,20 @@ class HyperpriorModel(CodingModel):
 
     # -- training -------------------------------------------------------------------------------
 
+    def raw_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., T, D)`` -> ``(..., T)`` bool: the tokens sent apart as float16."""
+        if not self.raw_token_threshold:
+            return torch.zeros(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+        return hidden.abs().amax(dim=-1) > self.raw_token_threshold
+
+    def raw_token_bits(self) -> float:
+        """What one raw token costs: its float16 values and (about) one byte of position."""
+        return 16.0 * self.width + 8.0
+
     @torch.no_grad()
     def fit(self, samples: torch.Tensor) -> None:
         """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent."""
+        samples = samples[~self.raw_tokens(samples)]
         self.standardize.fit(samples)
         basis, std = principal_directions(self.standardize(samples), self.channels)
         self.g_a.init_linear(basis / std)
@@ -143,7 +166,11 @@ class HyperpriorModel(CodingModel):
     def forward(
         self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.standardize(hidden)
+        raw = self.raw_tokens(hidden)
+        # Raw tokens enter the transforms as the mean token, so their huge values produce no gradients.
+        x = self.standardize(hidden).masked_fill(raw.unsqueeze(-1), 0.0)
+        if token_mask is not None:
+            token_mask = token_mask & ~raw
         y = self.g_a(x)
         z = self.h_a(y)
         bits = -torch.log2(self.side_density.likelihood(quantize(z, QuantMode.NOISE))).sum(-1)
@@ -159,7 +186,12 @@ class HyperpriorModel(CodingModel):
         mean, scale = self._mean_scale(hyper_input)
         bits = bits - torch.log2(gaussian_likelihood(quantize(y, QuantMode.NOISE), mean, scale)).sum(-1)
         y_hat = quantize(y, QuantMode.STE, offset=mean)
-        return self.standardize.inverse(self.g_s(torch.cat([y_hat, *synthesis_extra], dim=-1))), bits
+        hidden_hat = self.standardize.inverse(self.g_s(torch.cat([y_hat, *synthesis_extra], dim=-1)))
+        if self.raw_token_threshold:
+            exact = hidden.clamp(-FLOAT16_MAX, FLOAT16_MAX).half().to(hidden.dtype)
+            hidden_hat = torch.where(raw.unsqueeze(-1), exact, hidden_hat)
+            bits = torch.where(raw, torch.full_like(bits, self.raw_token_bits()), bits)
+        return hidden_hat, bits
 
     # -- integer tables and integer h_s ---------------------------------------------------------
 
@@ -262,6 +294,53 @@ class HyperpriorModel(CodingModel):
         return order, present, sizes
 
     def compress(self, hidden: torch.Tensor) -> bytes:
+        if not self.raw_token_threshold:
+            return self._compress_coded(hidden)
+        raw = self.raw_tokens(hidden)
+        out = bytearray()
+        indices = np.flatnonzero(raw.numpy())
+        write_varint(len(indices), out)
+        previous = -1
+        for index in indices:  # gaps: the first raw token's position, then distances minus one
+            write_varint(int(index) - previous - 1, out)
+            previous = int(index)
+        out += hidden[raw].clamp(-FLOAT16_MAX, FLOAT16_MAX).numpy().astype("<f2").tobytes()
+        if len(indices) < hidden.shape[0]:
+            out += self._compress_coded(hidden[~raw])
+        return bytes(out)
+
+    def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+        if not self.raw_token_threshold:
+            return self._decompress_coded(body, tokens)
+        data = memoryview(body)
+        count, offset = read_varint(data, 0, "raw token count", part="body")
+        if count > tokens:
+            raise BitstreamError(f"body claims {count} raw tokens in a payload of {tokens}")
+        indices, previous = [], -1
+        for _ in range(count):
+            gap, offset = read_varint(data, offset, "raw token position", part="body")
+            previous += gap + 1
+            if previous >= tokens:
+                raise BitstreamError(f"raw token position {previous} is outside a payload of {tokens} tokens")
+            indices.append(previous)
+        size = 2 * count * self.width
+        if offset + size > len(data):
+            raise BitstreamError(f"truncated body: {count} raw tokens need {size} bytes, {len(data) - offset} left")
+        rows = np.frombuffer(data[offset : offset + size], dtype="<f2").reshape(count, self.width)
+        if not np.isfinite(rows).all():
+            raise BitstreamError("raw tokens hold values that are not finite")
+        rest = data[offset + size :]
+        hidden = torch.empty(tokens, self.width)
+        coded = np.ones(tokens, dtype=bool)
+        coded[indices] = False
+        if count < tokens:
+            hidden[torch.from_numpy(coded)] = self._decompress_coded(rest, tokens - count)
+        elif len(rest):
+            raise BitstreamError(f"{len(rest)} bytes after the last raw token of a payload with no coded tokens")
+        hidden[indices] = torch.from_numpy(rows.astype(np.float32))
+        return hidden
+
+    def _compress_coded(self, hidden: torch.Tensor) -> bytes:
         symbols = self._symbols(hidden)
         models = self._coding_models()
         half = self.scale_half_widths.numpy()
@@ -279,7 +358,7 @@ class HyperpriorModel(CodingModel):
             stream.push(values[end - size : end] + half[s], models.main[s])
         return stream.to_bytes()
 
-    def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+    def _decompress_coded(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         models = self._coding_models()
         half = self.scale_half_widths.numpy()
         stream = CodedStream(body)
@@ -302,6 +381,14 @@ class HyperpriorModel(CodingModel):
         return self.standardize.inverse(self.g_s(torch.cat([y_hat, shared], dim=-1)))
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
+        raw = self.raw_tokens(hidden)
+        if not raw.any():
+            return self._estimate_coded_bits(hidden)
+        count = int(raw.sum())
+        bits = count * self.raw_token_bits()
+        return bits + (self._estimate_coded_bits(hidden[~raw]) if count < hidden.shape[0] else 0.0)
+
+    def _estimate_coded_bits(self, hidden: torch.Tensor) -> float:
         symbols = self._symbols(hidden)
         side_counts, scale_counts = self.side_counts.numpy(), self.scale_counts.numpy()
         context_counts = self.context_counts.numpy()

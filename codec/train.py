@@ -8,9 +8,11 @@
     loss = bits per token + lambda * distortion
 
 Distortion is task-level: for encoders 1 - cosine to the unsplit sentence embedding, for decoders the
-KL divergence from the unsplit next-token distribution. The model stays frozen (one served model fits
-every codec); gradients flow through the back half's activations only. Training is seeded and
-resumable: state is saved every ``checkpoint_every`` steps and picked up again by the same call.
+KL divergence from the unsplit next-token distribution at every position (in nats per token; the
+teacher is the back half run on the uncoded hidden state, which is exactly the unsplit model). The
+model stays frozen (one served model fits every codec); gradients flow through the back half's
+activations only. Training is seeded and resumable: state is saved every ``checkpoint_every`` steps
+and picked up again by the same call.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class TrainConfig:
     batch_tokens: int = 1024  # tokens per batch (sequences of similar length are grouped)
     lr: float = 1e-3
     seed: int = 0
-    max_tokens: int = 64  # longer training sequences are truncated
+    max_tokens: int = 64  # encoders: longer sentences are truncated; decoders: the window length
     checkpoint_every: int = 250
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
 
@@ -85,6 +87,28 @@ def _batches(model: LoadedModel, texts: list[str], config: TrainConfig, rng: ran
             yield Batch(ids, mask, torch.tensor(group))
 
 
+def _decoder_batches(model: LoadedModel, texts: list[str], config: TrainConfig, rng: random.Random) -> Iterator[Batch]:
+    """Endless batches of ``max_tokens``-long windows of the texts joined end to end (end-of-text between
+    them), in a seeded random order: language models see long contexts, not lone sentences."""
+    tokenizer = model.tokenizer
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    joined: list[int] = []
+    for ids in tokenizer(texts)["input_ids"]:
+        joined += [*ids, separator]
+    length = config.max_tokens
+    windows = torch.tensor(joined[: len(joined) // length * length]).view(-1, length)
+    per_batch = max(1, config.batch_tokens // length)
+    if len(windows) < per_batch:
+        raise ValueError(f"the training texts make {len(windows)} windows of {length} tokens; need {per_batch}")
+    order = list(range(len(windows)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - per_batch + 1, per_batch):
+            index = torch.tensor(order[start : start + per_batch])
+            ids = windows[index]
+            yield Batch(ids, torch.ones_like(ids, dtype=torch.bool), index)
+
+
 def _teacher_outputs(model: LoadedModel, texts: list[str], config: TrainConfig) -> torch.Tensor:
     """Unsplit outputs for every text: embeddings (encoders) or log-probabilities per position (decoders)."""
     split_model = SplitModel(model)
@@ -102,6 +126,12 @@ def encoder_distortion(output: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return 1.0 - F.cosine_similarity(output, target, dim=-1)
 
 
+def decoder_distortion(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(unsplit || coded) of the next-token distributions, in nats, per position ``(B, T)``."""
+    teacher = F.log_softmax(teacher_logits, dim=-1)
+    return (teacher.exp() * (teacher - F.log_softmax(logits, dim=-1))).sum(-1)
+
+
 def build_module(model: LoadedModel, config: TrainConfig) -> CodingModel:
     if config.kind not in TRAINABLE:
         raise ValueError(f"{config.kind.label} is not trainable; choose {', '.join(k.label for k in TRAINABLE)}")
@@ -116,8 +146,9 @@ def train_codec(
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> CodingModel:
     """Train (or resume training) a codec and write ``out_dir/codec.safetensors``. Returns the module."""
-    if model.family is not ModelFamily.ENCODER:
-        raise NotImplementedError("codec training for decoder models is not implemented yet")
+    decoder = model.family is ModelFamily.DECODER
+    if decoder and config.module.get("token_gate"):
+        raise ValueError("a token gate needs an encoder: a decoder must see every token to predict the next")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -128,14 +159,18 @@ def train_codec(
     state_path = out_dir / "state.pt"
     step = 0
 
+    make_batches = _decoder_batches if decoder else _batches
+    teacher = None
     teacher_path = out_dir / "teacher.pt"
-    if teacher_path.exists():
+    if decoder:
+        pass  # next-token distributions at every position are too big to keep: computed per batch
+    elif teacher_path.exists():
         teacher = torch.load(teacher_path)
     else:
         teacher = _teacher_outputs(model, texts, config)
         torch.save(teacher, teacher_path)
 
-    batches = _batches(model, texts, config, rng)
+    batches = make_batches(model, texts, config, rng)
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         if state["config"] != asdict(config):
@@ -145,7 +180,7 @@ def train_codec(
         step = state["step"]
         rng.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
-        batches = _batches(model, texts, config, rng)
+        batches = make_batches(model, texts, config, rng)
         log.info("resumed %s at step %d", out_dir, step)
     else:
         _fit_to_data(module, split_model, cut, batches)
@@ -165,8 +200,14 @@ def train_codec(
         if module.gate is not None:  # dropped tokens cost no bits; the back half sees them fade out
             weights = module.gate.sample(module.standardize(hidden))
             bits = bits * weights
-        output = split_model.run_back(cut, hidden_hat, batch.token_mask, token_weights=weights)
-        distortion = encoder_distortion(output, teacher[batch.index]).mean()
+        if decoder:
+            with torch.no_grad():
+                teacher_logits = split_model.token_logits(cut, hidden, batch.token_mask)
+            logits = split_model.token_logits(cut, hidden_hat, batch.token_mask)
+            distortion = decoder_distortion(logits, teacher_logits)[batch.token_mask].mean()
+        else:
+            output = split_model.run_back(cut, hidden_hat, batch.token_mask, token_weights=weights)
+            distortion = encoder_distortion(output, teacher[batch.index]).mean()
         tokens = batch.token_mask.sum()
         bits_per_token = (bits * batch.token_mask).sum() / tokens
         loss = bits_per_token + config.lmbda * distortion

@@ -279,6 +279,16 @@ class SplitModel:
         hidden = self.blocks(hidden, token_mask, cut.back, positions, token_weights)
         return self.head(hidden, token_mask, token_weights)
 
+    def token_logits(
+        self, cut: Cut, hidden: torch.Tensor, token_mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decoder cloud half at every position: hidden state at the split ``(B, T, D)`` -> logits ``(B, T, V)``
+        (position t predicts token t + 1). What perplexity and the codec's training loss are measured on."""
+        if not self.causal:
+            raise InvalidSplitError(f"{self.model.name} is an encoder: it has no next-token logits")
+        hidden = self.blocks(hidden, token_mask, cut.back, positions)
+        return self._lm_head(self._final_norm(hidden))
+
     def run_unsplit(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """The whole model in one process: the reference every split is measured against."""
         everything = Cut(self.model.num_blocks, self.model.num_blocks)

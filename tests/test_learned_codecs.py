@@ -42,6 +42,17 @@ def build(kind: str) -> LearnedCodec:
             WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, context_channels=4, **SMALL_SCALES
         )
         cls = HyperpriorCodec
+    elif kind == "hyperprior-raw":  # tokens beyond 5.5 travel as float16 (two of the golden input)
+        module = HyperpriorModel(
+            WIDTH,
+            latent_channels=8,
+            side_channels=4,
+            hidden=16,
+            hyper_hidden=8,
+            raw_token_threshold=5.5,
+            **SMALL_SCALES,
+        )
+        cls = HyperpriorCodec
     elif kind == "uniform":
         module, cls = UniformModel(WIDTH, step=0.5), UniformCodec
     else:
@@ -51,7 +62,7 @@ def build(kind: str) -> LearnedCodec:
     return cls(kind, WIDTH, module)
 
 
-KINDS = ["factorized", "factorized-identity", "hyperprior", "hyperprior-context", "uniform", "pca"]
+KINDS = ["factorized", "factorized-identity", "hyperprior", "hyperprior-context", "hyperprior-raw", "uniform", "pca"]
 CODEC_KINDS = {kind: CodecKind[kind.split("-")[0].upper()] for kind in KINDS}
 
 GOLDEN = Path(__file__).parent / "data" / "golden"  # written by tests/data/golden/regenerate.py
@@ -153,6 +164,43 @@ def test_checkpoint_round_trip_keeps_fingerprint_and_bytes(codec: LearnedCodec, 
     hidden = seeded((7, WIDTH), seed=2)
     assert loaded.encode_payload(hidden) == codec.encode_payload(hidden)
     assert loaded.splits == (1,)
+
+
+def test_raw_tokens_travel_apart_as_float16() -> None:
+    codec = build("hyperprior-raw")
+    hidden = seeded((12, WIDTH))
+    hidden[0, 3] = 24000.0  # an attention sink's value
+    hidden[7, 1] = -900.0
+    raw = codec.module.raw_tokens(hidden)
+    assert raw[0] and raw[7]
+    decoded = codec.decode_payload(codec.encode_payload(hidden))[1]
+    assert torch.equal(decoded[raw], hidden[raw].half().float())
+    assert torch.isfinite(decoded).all()
+    everything_raw = torch.full((3, WIDTH), 100.0)
+    assert torch.equal(codec.decode_payload(codec.encode_payload(everything_raw))[1], everything_raw)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\x09", "claims 9 raw tokens"),
+        (b"\x01\x05", "position 5 is outside"),
+        (b"\x01\x00" + b"\x00" * 10, "truncated body"),
+        (b"\x01\x00" + b"\x00\x7c" * WIDTH, "not finite"),  # float16 infinity
+        (b"\x05\x00\x00\x00\x00\x00" + b"\x00" * (10 * WIDTH) + b"\x01", "bytes after the last raw token"),
+    ],
+)
+def test_malformed_raw_token_sections_are_rejected(body: bytes, message: str) -> None:
+    with pytest.raises(BitstreamError, match=message):
+        build("hyperprior-raw").module.decompress(body, 5)
+
+
+def test_raw_tokens_are_left_out_of_the_fitted_statistics() -> None:
+    samples = seeded((500, WIDTH), seed=11)
+    samples[::50, 0] = 24000.0
+    module = HyperpriorModel(WIDTH, latent_channels=8, side_channels=4, hidden=16, raw_token_threshold=1000.0)
+    module.fit(samples)
+    assert float(module.standardize.std[0]) < 10.0
 
 
 def test_hyperprior_side_network_is_integer_and_batch_independent() -> None:

@@ -64,3 +64,37 @@ def test_token_gate_training_keeps_the_first_token(tiny_bert: LoadedModel, tmp_p
     hidden = torch.randn(7, tiny_bert.hidden_size)
     keep = module.keep_mask(hidden)
     assert keep is not None and keep.shape == (7,) and keep[0]
+
+
+def test_decoder_training_with_kl_to_the_unsplit_next_token_distribution_learns(
+    tiny_llama: LoadedModel, tmp_path: Path
+) -> None:
+    distortions: list[float] = []
+    losses: list[float] = []
+
+    def record(step: int, total: int, stats: dict[str, float]) -> None:
+        distortions.append(stats["dist"])
+        losses.append(stats["bpt"] + 200.0 * stats["dist"])
+
+    decoder_config = TrainConfig(
+        kind=CodecKind.HYPERPRIOR,
+        split=2,
+        lmbda=200.0,
+        steps=40,
+        batch_tokens=64,
+        max_tokens=16,
+        lr=3e-3,
+        module={"latent_channels": 16, "side_channels": 2, "hidden": 16, "hyper_hidden": 8},
+    )
+    module = train_codec(tiny_llama, TEXTS, decoder_config, tmp_path, progress=record)
+    assert not (tmp_path / "teacher.pt").exists()  # per-position distributions are computed per batch
+    assert all(d >= 0 for d in distortions)  # a KL divergence
+    assert sum(losses[-10:]) < sum(losses[:10])
+    hidden = torch.randn(9, tiny_llama.hidden_size)
+    with torch.inference_mode():
+        assert module.decompress(module.compress(hidden), 9).shape == (9, tiny_llama.hidden_size)
+
+
+def test_decoder_training_refuses_a_token_gate(tiny_llama: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="token gate needs an encoder"):
+        train_codec(tiny_llama, TEXTS, config(3, token_gate=True), tmp_path)

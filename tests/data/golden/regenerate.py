@@ -2,7 +2,8 @@
 seeded input, and what that payload decodes to.
 
 Run only when the bitstream format changes on purpose (peers deployed with the old format will no longer
-agree): ``.venv/bin/python tests/data/golden/regenerate.py``. Checkpoints are committed because their
+agree): ``.venv/bin/python tests/data/golden/regenerate.py [KIND ...]`` (default: every kind; name only a new
+kind to leave the others' fixtures as they are). Checkpoints are committed because their
 integer tables come from float arithmetic that may differ in the last bit between CPUs; the tables, once
 stored, are what both peers use.
 """
@@ -22,7 +23,7 @@ from test_learned_codecs import KINDS, build, golden_input  # noqa: E402
 
 
 def main() -> None:
-    for kind in KINDS:
+    for kind in sys.argv[1:] or KINDS:
         codec = build(kind)
         save_checkpoint(codec.module, codec.kind, HERE / f"{kind}.safetensors")
         payload = codec.encode_payload(golden_input())

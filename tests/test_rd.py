@@ -1,0 +1,79 @@
+"""The rate-distortion benchmark's language-model task: perplexity through the real payload path."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from splitwire.benchmarks.cli import main as bench_main
+from splitwire.benchmarks.rd import next_token_loss, run_through_codec
+from splitwire.benchmarks.rd_command import LmTask
+from splitwire.codec.raw import Fp32Codec
+from splitwire.split.cut import Cut
+from splitwire.split.models import LoadedModel
+
+LINES = [
+    " = Valkyrie = ",
+    " The ship was laid down in 1911 and launched a year later , after a long delay at the yard . ",
+    " She served in the Channel until 1916 , when she was sent to the Mediterranean . ",
+    " = = Design = = ",
+    " Her four turbines drove two shafts ; the boilers burned coal and , later , oil . ",
+] * 6
+
+
+@pytest.fixture()
+def wikitext(tmp_path: Path) -> Path:
+    path = tmp_path / "wiki.valid.tokens"
+    path.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    return path
+
+
+def test_perplexity_of_the_unsplit_model_matches_the_model_itself(tiny_llama: LoadedModel, wikitext: Path) -> None:
+    task = LmTask(tiny_llama, wikitext, slice(None), window=24, max_tokens=None)
+    assert len(task.sequences) >= 3 and all(s.shape == (1, 24) for s in task.sequences)
+    everything = Cut(tiny_llama.num_blocks, tiny_llama.num_blocks)
+    ours = task.score(run_through_codec(tiny_llama, everything, None, task.sequences, task.output).outputs)
+    with torch.inference_mode():
+        losses = [
+            F.cross_entropy(tiny_llama.hf_model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")
+            for ids in task.sequences
+        ]
+    reference = math.exp(float(sum(losses)) / (23 * len(task.sequences)))
+    assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_lossless_codec_through_the_split_keeps_perplexity(tiny_llama: LoadedModel, wikitext: Path) -> None:
+    task = LmTask(tiny_llama, wikitext, slice(None), window=16, max_tokens=64)
+    assert len(task.sequences) == 4
+    everything = Cut(tiny_llama.num_blocks, tiny_llama.num_blocks)
+    unsplit = run_through_codec(tiny_llama, everything, None, task.sequences, next_token_loss)
+    coded = run_through_codec(tiny_llama, Cut(4, 2), Fp32Codec("fp32", 32), task.sequences, next_token_loss)
+    assert task.score(coded.outputs) == pytest.approx(task.score(unsplit.outputs), rel=1e-5)
+    assert coded.tokens == 64 and coded.payload_bytes > 64 * 32 * 4
+
+
+def test_rd_command_reports_perplexity_lower_is_better(tiny_llama: LoadedModel, wikitext: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rd_lm.json"
+    argv = ["rd", "--model", "tiny-llama", "--task", "lm", "--data", str(wikitext), "--split", "1,2"]
+    argv += ["--codec", "fp32,fp16", "--window", "16", "--max-tokens", "64", "--json", str(out)]
+    assert bench_main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["quality_name"] == "perplexity" and result["rows_evaluated"] == 4
+    rows = {(row["split"], row["codec"]): row for row in result["rows"]}
+    assert set(rows) == {(1, "fp32"), (1, "fp16"), (2, "fp32"), (2, "fp16")}
+    for row in rows.values():
+        assert row["higher_is_better"] is False
+        assert row["unsplit_quality"] == result["unsplit_quality"]
+    assert rows[(2, "fp32")]["relative_quality"] == pytest.approx(1.0, rel=1e-5)
+    assert 16 * 32 <= rows[(2, "fp16")]["bits_per_token"] < 16 * 32 + 8
+    assert Path(result["plot"]).exists()
+
+
+def test_rd_refuses_a_task_the_model_cannot_do(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["rd", "--model", "tiny-bert", "--task", "lm", "--json", str(tmp_path / "x.json")]
+    assert bench_main(argv) == 2
+    assert "needs a decoder model" in capsys.readouterr().err
