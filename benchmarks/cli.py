@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="encoders: truncate training sentences here (default 64); decoders: window length (default 128)",
     )
+    train.add_argument(
+        "--latent-scale",
+        type=float,
+        default=1.0,
+        help="factorized, hyperprior: start rounding at 1/SCALE standard deviations (larger: finer, more bits)",
+    )
     train.add_argument("--step", type=float, default=0.5, help="uniform, pca: quantisation step in standard deviations")
     train.add_argument("--components", type=int, default=64, help="pca")
     train.add_argument(

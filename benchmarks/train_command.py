@@ -103,6 +103,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             max_tokens=args.max_tokens
             or (DECODER_WINDOW if model.family is ModelFamily.DECODER else ENCODER_TRUNCATION),
             lr=args.lr,
+            latent_scale=args.latent_scale,
             seed=args.seed,
             module=module_args,
         )

@@ -12,6 +12,8 @@ Without a transform (``latent_channels=0``), ``g_a`` and ``g_s`` are the identit
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
@@ -60,9 +62,12 @@ class FactorizedModel(CodingModel):
     # -- training -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fit(self, samples: torch.Tensor) -> None:
-        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent."""
+    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
+        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent, with a
+        quantisation step of 1 / ``latent_scale`` standard deviations."""
         self.standardize.fit(samples)
+        with torch.no_grad():
+            self.log_step.fill_(-math.log(latent_scale))
         if isinstance(self.g_a, ResidualTransform):
             basis, std = principal_directions(self.standardize(samples), self.channels)
             self.g_a.init_linear(basis / std)

@@ -138,14 +138,16 @@ class HyperpriorModel(CodingModel):
         return 16.0 * self.width + 8.0
 
     @torch.no_grad()
-    def fit(self, samples: torch.Tensor) -> None:
-        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent."""
+    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
+        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent:
+        whitened components times ``latent_scale`` (rounding then starts at 1 / latent_scale standard
+        deviations; a finer start suits distortions that punish small errors, such as an LM's KL)."""
         samples = samples[~self.raw_tokens(samples)]
         self.standardize.fit(samples)
         basis, std = principal_directions(self.standardize(samples), self.channels)
-        self.g_a.init_linear(basis / std)
+        self.g_a.init_linear(basis / std * latent_scale)
         # The context starts with no say in the reconstruction; training gives it one.
-        synthesis = torch.cat([(basis * std).t(), torch.zeros(self.context_channels, basis.shape[0])])
+        synthesis = torch.cat([(basis * std).t() / latent_scale, torch.zeros(self.context_channels, basis.shape[0])])
         self.g_s.init_linear(synthesis)
         if self.context_channels:
             context_basis, context_std = principal_directions(self.standardize(samples), self.context_channels)

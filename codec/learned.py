@@ -186,8 +186,9 @@ class CodingModel(nn.Module):
         """Ideal code length of ``(T, D)`` under the integer tables (what compress() should approach)."""
         raise NotImplementedError
 
-    def fit(self, samples: torch.Tensor) -> None:
-        """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training."""
+    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
+        """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training;
+        ``latent_scale`` > 1 starts the latents finer than one standard deviation per quantisation step."""
         raise NotImplementedError
 
     def keep_mask(self, hidden: torch.Tensor) -> np.ndarray | None:

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     max_tokens: int = 64  # encoders: longer sentences are truncated; decoders: the window length
     checkpoint_every: int = 250
+    latent_scale: float = 1.0  # initial latents: whitened components times this (see CodingModel.fit)
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
 
 
@@ -183,7 +184,7 @@ def train_codec(
         batches = make_batches(model, texts, config, rng)
         log.info("resumed %s at step %d", out_dir, step)
     else:
-        _fit_to_data(module, split_model, cut, batches)
+        _fit_to_data(module, split_model, cut, batches, config.latent_scale)
 
     def lr_at(s: int) -> float:  # cosine decay to 5%
         return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
@@ -237,11 +238,13 @@ def train_codec(
     return module
 
 
-def _fit_to_data(module: CodingModel, split_model: SplitModel, cut: Cut, batches: Iterator[Batch]) -> None:
+def _fit_to_data(
+    module: CodingModel, split_model: SplitModel, cut: Cut, batches: Iterator[Batch], latent_scale: float
+) -> None:
     samples = []
     with torch.no_grad():
         for _ in range(20):
             batch = next(batches)
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
             samples.append(hidden[batch.token_mask])
-    module.fit(torch.cat(samples))
+    module.fit(torch.cat(samples), latent_scale)
