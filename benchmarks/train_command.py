@@ -104,6 +104,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             or (DECODER_WINDOW if model.family is ModelFamily.DECODER else ENCODER_TRUNCATION),
             lr=args.lr,
             latent_scale=args.latent_scale,
+            warmup_steps=args.warmup_steps,
             seed=args.seed,
             module=module_args,
         )

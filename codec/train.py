@@ -53,6 +53,7 @@ class TrainConfig:
     max_tokens: int = 64  # encoders: longer sentences are truncated; decoders: the window length
     checkpoint_every: int = 250
     latent_scale: float = 1.0  # initial latents: whitened components times this (see CodingModel.fit)
+    warmup_steps: int = 0  # linear learning-rate warm-up: Adam's first steps move every weight by ~lr
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
 
 
@@ -186,8 +187,9 @@ def train_codec(
     else:
         _fit_to_data(module, split_model, cut, batches, config.latent_scale)
 
-    def lr_at(s: int) -> float:  # cosine decay to 5%
-        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+    def lr_at(s: int) -> float:  # linear warm-up, then cosine decay to 5%
+        warm = min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        return warm * config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
 
     module.train()
     while step < config.steps:
