@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print rd JSON results as Markdown tables", formatter_class=fmt)
     report.add_argument("files", type=Path, nargs="+", metavar="JSON")
+    report.add_argument("--plot", action="store_true", help="also draw each file's PNG again from its rows")
     report.set_defaults(handler=cmd_report)
 
     add_serving_commands(sub)

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             )
     bd = _bd_rates(rows)
     plot = args.plot or args.json.with_suffix(".png")
-    plot_rate_distortion(rows, plot, f"{model.name}, {QUALITY_NAMES[task.name]} on {task.data.name}")
+    plot_rate_distortion(rows, plot, plot_title(model.name, task.name, task.data), QUALITY_NAMES[task.name])
     if args.record_manifest:
         shipped = {e.name for e in read_manifest()}
         for row in rows:
@@ -230,6 +230,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "bd_rate": bd,
         "plot": str(plot),
     }
+
+
+def plot_title(model: str, task: str, data: Path) -> str:
+    return f"{model}, {QUALITY_NAMES[task]} on {data.name}"
 
 
 def _manifest_figures(row: RateRow, task: Task) -> dict[str, object]:

@@ -36,6 +36,8 @@ def bd_table(payload: dict[str, object]) -> str:
         return "n/a" if value is None else f"{value:+.1f}%"
 
     for entry in payload["bd_rate"]:
+        if entry["vs_fp16_percent"] is None and entry["vs_uniform_percent"] is None:
+            continue
         lines.append(
             f"| {entry['split']} | {entry['kind']} | {cell(entry['vs_fp16_percent'])} "
             f"| {cell(entry['vs_uniform_percent'])} |"
@@ -43,9 +45,23 @@ def bd_table(payload: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def replot(payload: dict[str, object]) -> Path:
+    """Draw an ``rd`` result's PNG again (where its ``plot`` field says) from its rows."""
+    from splitwire.benchmarks.plots import plot_rate_distortion, rows_from_json
+    from splitwire.benchmarks.rd_command import QUALITY_NAMES, plot_title
+
+    path = Path(str(payload["plot"]))
+    task = str(payload["task"])
+    title = plot_title(str(payload["model"]), task, Path(str(payload["data"])))
+    plot_rate_distortion(rows_from_json(payload["rows"]), path, title, QUALITY_NAMES[task])
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     for path in args.files:
         payload = json.loads(Path(path).read_text())
+        if args.plot:
+            print(f"<!-- redrew {replot(payload)} -->")
         print(f"<!-- {payload.get('command', '')} -->")
         print(rd_table(payload))
         print()

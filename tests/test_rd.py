@@ -71,6 +71,9 @@ def test_rd_command_reports_perplexity_lower_is_better(tiny_llama: LoadedModel, 
     assert rows[(2, "fp32")]["relative_quality"] == pytest.approx(1.0, rel=1e-5)
     assert 16 * 32 <= rows[(2, "fp16")]["bits_per_token"] < 16 * 32 + 8
     assert Path(result["plot"]).exists()
+    Path(result["plot"]).unlink()
+    assert bench_main(["report", "--plot", str(out)]) == 0
+    assert Path(result["plot"]).exists()
 
 
 def test_rd_refuses_a_task_the_model_cannot_do(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
