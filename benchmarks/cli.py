@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    train.add_argument(
+        "--transform-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning rate of the transforms relative to the entropy models (wide transforms want < 1)",
+    )
     train.add_argument("--batch-tokens", type=int, default=1024)
     train.add_argument("--latent-channels", type=int, default=64, help="factorized (0: no transform), hyperprior")
     train.add_argument("--side-channels", type=int, default=8, help="hyperprior")

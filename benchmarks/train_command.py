@@ -105,6 +105,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             lr=args.lr,
             latent_scale=args.latent_scale,
             warmup_steps=args.warmup_steps,
+            transform_lr_scale=args.transform_lr_scale,
             seed=args.seed,
             module=module_args,
         )

@@ -54,6 +54,10 @@ class TrainConfig:
     checkpoint_every: int = 250
     latent_scale: float = 1.0  # initial latents: whitened components times this (see CodingModel.fit)
     warmup_steps: int = 0  # linear learning-rate warm-up: Adam's first steps move every weight by ~lr
+    # Learning rate of the analysis/synthesis transforms (g_*) relative to the entropy models. Adam moves
+    # every weight by about lr per step whatever its size; a wide PCA-initialised transform has small
+    # weights, and noisy KL gradients then random-walk it away from a good basis.
+    transform_lr_scale: float = 1.0
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
 
 
@@ -157,7 +161,12 @@ def train_codec(
     split_model = SplitModel(model)
     cut = Cut(model.num_blocks, config.split)
     module = build_module(model, config)
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
+    transforms = [p for name, p in module.named_parameters() if name.startswith("g_")]
+    others = [p for name, p in module.named_parameters() if not name.startswith("g_")]
+    optimizer = torch.optim.Adam(
+        [{"params": others, "lr_scale": 1.0}, {"params": transforms, "lr_scale": config.transform_lr_scale}],
+        lr=config.lr,
+    )
     state_path = out_dir / "state.pt"
     step = 0
 
@@ -195,7 +204,7 @@ def train_codec(
     while step < config.steps:
         batch = next(batches)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * group["lr_scale"]
         with torch.no_grad():
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
         hidden_hat, bits = module(hidden, batch.token_mask)
