@@ -47,8 +47,11 @@ def test_installed_codecs_are_served_and_the_chosen_default_wins(tmp_path: Path)
 def test_figures_are_recorded_on_their_entry(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints"
     ship(folder, tmp_path, "uniform-a")
-    record_figures("uniform-a", {"task": "stsb", "bits_per_token": 41.234, "quality": 86.1}, folder)
+    record_figures("uniform-a", {"stsb_sts-dev_quality": 86.1}, folder)
     (entry,) = json.loads((folder / MANIFEST_NAME).read_text())["checkpoints"]
-    assert entry["dev"]["quality"] == 86.1 and entry["expected_bits_per_token"] == 41.23
+    assert entry["dev"] == {"stsb_sts-dev_quality": 86.1} and "expected_bits_per_token" not in entry
+    record_figures("uniform-a", {"stsb_sts-dev_bits_per_token": 41.234}, folder, expected_bits_per_token=41.234)
+    (entry,) = json.loads((folder / MANIFEST_NAME).read_text())["checkpoints"]
+    assert entry["dev"]["stsb_sts-dev_quality"] == 86.1 and entry["expected_bits_per_token"] == 41.23
     with pytest.raises(KeyError, match="no manifest entry"):
         set_default("missing", folder)
