@@ -101,6 +101,17 @@ def cmd_load(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def cmd_decode_step(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import decode_step_command
+    from splitwire.split.security import client_security
+
+    security = client_security(args.connection.resolve(args))
+    payload = {**_run_info(argv), **decode_step_command.run(args, security)}
+    if args.json:
+        _write_json(args.json, payload)
+    return 0
+
+
 def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     """``compute`` (the back half's pure batched throughput) and ``load`` (a server under closed-loop load)."""
     from splitwire.split.models import DEFAULT_MODEL
@@ -145,6 +156,25 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     connection = OptionSet("SPLITWIRE_BENCH", "bench", CLIENT_SECURITY_OPTIONS)
     connection.add_to(load)
     load.set_defaults(handler=cmd_load, connection=connection)
+
+    step = sub.add_parser(
+        "decode-step",
+        help="one generation step through the split (loopback) against one unsplit step, same run",
+        description=f"Median time between two generated tokens arriving at the edge, greedy, against the median "
+        f"unsplit decode step timed before and after in this process; ratio = split / unsplit. {threads}.",
+    )
+    step.add_argument("--model", default="smollm2", help="a decoder model (default: smollm2)")
+    step.add_argument("--split", type=int, default=None, help="split point (default: the model's)")
+    step.add_argument("--codec", default=None, help="codecs, comma-separated (default: the server's default)")
+    step.add_argument("--steps", type=int, default=100, help="decode steps timed per codec and for unsplit (100)")
+    step.add_argument("--prompt", default=None, help="text generation continues (default: an encyclopedic opening)")
+    step.add_argument(
+        "--server", default=None, metavar="HOST:PORT", help="a running server (default: start one on loopback)"
+    )
+    step.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+    step_connection = OptionSet("SPLITWIRE_BENCH", "bench", CLIENT_SECURITY_OPTIONS)
+    step_connection.add_to(step)
+    step.set_defaults(handler=cmd_decode_step, connection=step_connection)
 
 
 def build_parser() -> argparse.ArgumentParser:
