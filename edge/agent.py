@@ -157,26 +157,37 @@ _FINISH_NAMES = {
 
 
 class _StepWatchdog:
-    """Cancels a streaming call when one answer takes longer than ``timeout_s``."""
+    """Cancels a streaming call when one answer takes longer than ``timeout_s``.
+
+    One thread per generation looks at the armed deadline ten times a second; arming it is a plain
+    assignment, so a step starts no timer thread (that costs milliseconds per token on a busy machine).
+    """
 
     def __init__(self, call: grpc.Call, timeout_s: float) -> None:
         self._call, self._timeout_s = call, timeout_s
-        self._timer: threading.Timer | None = None
+        self._deadline: float | None = None
+        self._stopped = threading.Event()
         self.fired = False
+        threading.Thread(target=self._watch, name="splitwire-step-watchdog", daemon=True).start()
 
     def next(self, responses: Iterator[pb.InferResponse]) -> pb.InferResponse | None:
         """The next answer, None when the server has ended the stream."""
-        self._timer = threading.Timer(self._timeout_s, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._deadline = time.monotonic() + self._timeout_s
         try:
             return next(responses, None)
         finally:
-            self._timer.cancel()
+            self._deadline = None
 
-    def _fire(self) -> None:
-        self.fired = True
-        self._call.cancel()
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(0.1, self._timeout_s / 10)):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self.fired = True
+                self._call.cancel()
+                return
 
 
 class EdgeAgent:
@@ -464,6 +475,7 @@ class EdgeAgent:
                 ) from None
             raise EdgeError(f"server refused the generation: {self._explain(exc)}") from None
         finally:
+            watchdog.stop()
             outbox.put(None)
             call.cancel()  # no-op once the call has ended
         metrics.REQUESTS.labels("OK").inc()

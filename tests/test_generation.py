@@ -11,6 +11,7 @@ import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -468,3 +469,34 @@ def test_smollm2_chat_through_the_server_equals_unsplit() -> None:
             expected = unsplit_generate(smollm2, edge.prompt_ids(question, chat=True), params)
     assert result.token_ids == expected
     assert "Paris" in result.text
+
+
+def test_the_step_watchdog_cancels_a_call_whose_answer_does_not_come() -> None:
+    from splitwire.edge.agent import _StepWatchdog
+
+    cancelled = threading.Event()
+
+    class Call:
+        def cancel(self) -> None:
+            cancelled.set()
+
+    class Stalled:
+        """An answer stream that blocks until the call is cancelled, as grpc's does."""
+
+        def __iter__(self) -> Stalled:
+            return self
+
+        def __next__(self) -> pb.InferResponse:
+            if cancelled.wait(10):
+                raise StopIteration
+            return pb.InferResponse()
+
+    watchdog = _StepWatchdog(Call(), 0.3)
+    started = time.monotonic()
+    assert watchdog.next(Stalled()) is None
+    assert watchdog.fired and 0.3 <= time.monotonic() - started < 5
+    quick = _StepWatchdog(Call(), 0.3)
+    assert quick.next(iter([pb.InferResponse(request_id="a")])).request_id == "a"
+    quick.stop()
+    time.sleep(0.5)
+    assert not quick.fired  # an answer in time disarms it
