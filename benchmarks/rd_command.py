@@ -180,17 +180,21 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         task = ClassifyTask(model, args.data, args.train, rows_slice, args.train_limit)
     catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
     wanted = args.codec.split(",") if args.codec else None
+    splits = _splits(args.split, model)
+    for name in wanted or []:
+        codec = catalog.get(name)
+        if not any(codec.valid_at(split) for split in splits):
+            raise ValueError(f"codec {name} is valid at none of splits {splits} (trained for {list(codec.splits)})")
     everything = Cut(model.num_blocks, model.num_blocks)
     unsplit = task.score(run_through_codec(model, everything, None, task.sequences, task.output).outputs)
     print(f"unsplit {model.name}: {QUALITY_NAMES[task.name]} = {unsplit:.2f} on {len(task.sequences)} inputs")
     rows: list[RateRow] = []
-    for split in _splits(args.split, model):
+    for split in splits:
         cut = Cut(model.num_blocks, split)
-        names = wanted or catalog.names(split)
+        # A named codec runs at each asked split it is valid at: a learned codec belongs to its split.
+        names = [n for n in wanted if catalog.get(n).valid_at(split)] if wanted else catalog.names(split)
         for name in names:
             codec = catalog.get(name)
-            if not codec.valid_at(split):
-                raise ValueError(f"codec {name} is not valid at split {split} (trained for {list(codec.splits)})")
             coded = run_through_codec(model, cut, codec, task.sequences, task.output)
             row = RateRow(
                 codec=name,

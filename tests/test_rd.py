@@ -80,3 +80,17 @@ def test_rd_refuses_a_task_the_model_cannot_do(capsys: pytest.CaptureFixture[str
     argv = ["rd", "--model", "tiny-bert", "--task", "lm", "--json", str(tmp_path / "x.json")]
     assert bench_main(argv) == 2
     assert "needs a decoder model" in capsys.readouterr().err
+
+
+def test_named_codecs_run_only_at_the_splits_they_belong_to(minilm: LoadedModel, tmp_path: Path) -> None:
+    out = tmp_path / "rd_stsb.json"
+    argv = ["rd", "--task", "stsb", "--slice", "0:6", "--split", "1,5", "--json", str(out)]
+    assert bench_main([*argv, "--codec", "fp16,hyperprior-s1-l500,hyperprior-s5-l500"]) == 0
+    rows = {(row["split"], row["codec"]) for row in json.loads(out.read_text())["rows"]}
+    assert rows == {(1, "fp16"), (1, "hyperprior-s1-l500"), (5, "fp16"), (5, "hyperprior-s5-l500")}
+
+
+def test_rd_refuses_a_codec_valid_at_none_of_the_splits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["rd", "--task", "stsb", "--split", "3", "--codec", "hyperprior-s5-l500", "--json", str(tmp_path / "x.json")]
+    assert bench_main(argv) == 2
+    assert "hyperprior-s5-l500 is valid at none of splits [3]" in capsys.readouterr().err
