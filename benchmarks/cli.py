@@ -90,26 +90,27 @@ def cmd_compute(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
-def cmd_load(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from splitwire.benchmarks import load_command
+def _run_client(args: argparse.Namespace, argv: list[str] | None, run) -> int:
+    """A benchmark that talks to a server: its connection options resolved, its results beside the run info."""
     from splitwire.split.security import client_security
 
     security = client_security(args.connection.resolve(args))
-    payload = {**_run_info(argv), **load_command.run(args, security)}
+    payload = {**_run_info(argv), **run(args, security)}
     if args.json:
         _write_json(args.json, payload)
     return 0
+
+
+def cmd_load(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import load_command
+
+    return _run_client(args, argv, load_command.run)
 
 
 def cmd_decode_step(args: argparse.Namespace, argv: list[str] | None) -> int:
     from splitwire.benchmarks import decode_step_command
-    from splitwire.split.security import client_security
 
-    security = client_security(args.connection.resolve(args))
-    payload = {**_run_info(argv), **decode_step_command.run(args, security)}
-    if args.json:
-        _write_json(args.json, payload)
-    return 0
+    return _run_client(args, argv, decode_step_command.run)
 
 
 def add_serving_commands(sub: argparse._SubParsersAction) -> None:
