@@ -168,6 +168,9 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     step.add_argument("--split", type=int, default=None, help="split point (default: the model's)")
     step.add_argument("--codec", default=None, help="codecs, comma-separated (default: the server's default)")
     step.add_argument("--steps", type=int, default=100, help="decode steps timed per codec and for unsplit (100)")
+    step.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds, each timing every variant's --steps steps (3)"
+    )
     step.add_argument("--prompt", default=None, help="text generation continues (default: an encyclopedic opening)")
     step.add_argument(
         "--server", default=None, metavar="HOST:PORT", help="a running server (default: start one on loopback)"

@@ -8,10 +8,10 @@
 
 Both run greedy decoding after the same prompt, with the same torch threads (the server is started by this
 run on a free loopback port, its compute alone on the machine while a step crosses it). The unsplit step is
-timed twice, before and after the split runs, on the lean path (:class:`~splitwire.split.cut.SplitModel`
-over all blocks) and through the Hugging Face model's own ``forward`` with its cache; the ratio is against
-the faster of the two, so the split is never flattered by a slow baseline. ``ratio`` = median split step /
-median unsplit step, over ``--steps`` steps each.
+timed on the lean path (:class:`~splitwire.split.cut.SplitModel` over all blocks) and through the Hugging
+Face model's own ``forward`` with its cache; the ratio is against the faster of the two, so the split is
+never flattered by a slow baseline. ``ratio`` = median split step /
+median unsplit step, over ``--steps`` steps per round for each, in ``--rounds`` interleaved rounds.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def _server_arguments(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace, security: ClientSecurity) -> dict[str, object]:
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     prompt = args.prompt or DEFAULT_PROMPT
     model = load_model(args.model)
     # Edge and unsplit steps use the server's thread count: the comparison is per machine, not per core.
@@ -117,27 +119,41 @@ def run(args: argparse.Namespace, security: ClientSecurity) -> dict[str, object]
         for agent in agents:
             agent.generate(prompt, SamplingParams(max_new_tokens=3))
 
-        lean_before, reference = unsplit_lean(model, prompt_ids, args.steps)
-        hf_before, _ = unsplit_hf(model, prompt_ids, args.steps)
-        for agent in agents:
+        # Rounds interleave every variant, each round in a rotated order, so a slow spell of the machine
+        # lands on all of them alike instead of on whichever ran last.
+        lean_ms: list[float] = []
+        hf_ms: list[float] = []
+        split_ms: dict[int, list[float]] = {i: [] for i in range(len(agents))}
+        results: dict[int, object] = {}
+        _, reference = unsplit_lean(model, prompt_ids, args.steps)
+        variants = ["lean", "hf", *range(len(agents))]
+        for round_index in range(args.rounds):
+            shift = round_index % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                if variant == "lean":
+                    lean_ms += unsplit_lean(model, prompt_ids, args.steps)[0]
+                elif variant == "hf":
+                    hf_ms += unsplit_hf(model, prompt_ids, args.steps)[0]
+                else:
+                    result = agents[variant].generate(prompt, SamplingParams(max_new_tokens=args.steps + 1))
+                    split_ms[variant] += result.inter_token_ms
+                    results[variant] = result
+        for index, agent in enumerate(agents):
             assert agent.codec is not None and agent.cut is not None
-            result = agent.generate(prompt, SamplingParams(max_new_tokens=args.steps + 1))
-            split_ms = result.inter_token_ms
+            result = results[index]
             rows.append(
                 {
                     "codec": agent.codec.name,
                     "split": agent.cut.split,
-                    "step_ms": _summary(split_ms),
+                    "step_ms": _summary(split_ms[index]),
                     "bits_per_token": round(result.bits_per_token, 2),
                     "same_tokens_as_unsplit": result.token_ids == reference,
-                    "step_ms_all": [round(t, 3) for t in split_ms],
+                    "step_ms_all": [round(t, 3) for t in split_ms[index]],
                 }
             )
-        lean_after, _ = unsplit_lean(model, prompt_ids, args.steps)
-        hf_after, _ = unsplit_hf(model, prompt_ids, args.steps)
 
-    lean = _summary(lean_before + lean_after)
-    hf = _summary(hf_before + hf_after)
+    lean = _summary(lean_ms)
+    hf = _summary(hf_ms)
     baseline = min(lean["median"], hf["median"])
     for row in rows:
         row["ratio"] = round(row["step_ms"]["median"] / baseline, 4)
@@ -152,6 +168,7 @@ def run(args: argparse.Namespace, security: ClientSecurity) -> dict[str, object]
         "prompt": prompt,
         "prompt_tokens": len(prompt_ids),
         "steps": args.steps,
+        "rounds": args.rounds,
         "torch_threads": torch.get_num_threads(),
         "server": args.server or f"{address} (started by this run)",
         "server_command": None if server is None else " ".join(["splitwire-cloud", *server.command[1:]]),
