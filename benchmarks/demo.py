@@ -60,12 +60,16 @@ def run(args: argparse.Namespace) -> int:
         }
 
     print(f"\n{model.name} split at block {split} of {model.num_blocks}, server {args.server}")
-    print(f"\nFirst {args.show} STS-B dev pairs: cosine similarity, unsplit vs through the split")
-    header = f"{'gold':>5} {'unsplit':>8} " + " ".join(f"{n[:14]:>14}" for n in names)
-    print(header)
-    for i, pair in enumerate(pairs[: args.show]):
-        cells = " ".join(f"{results[n]['cosines'][i]:14.4f}" for n in names)
-        print(f"{pair.score:5.2f} {unsplit_cos[i]:8.4f} {cells}    {pair.first[:40]!r} ~ {pair.second[:40]!r}")
+    shown = pairs[: args.show]
+    print(f"\nFirst {len(shown)} STS-B dev pairs: cosine similarity, unsplit vs through the split")
+    for i, pair in enumerate(shown, start=1):
+        print(f"  #{i} {pair.first!r} ~ {pair.second!r}")
+    # One row per codec and a column per pair: codec names stay whole however many codecs there are.
+    print(f"{'pair':>24} " + " ".join(f"{f'#{i}':>7}" for i in range(1, len(shown) + 1)))
+    print(f"{'gold score (0-5)':>24} " + " ".join(f"{pair.score:7.2f}" for pair in shown))
+    print(f"{'unsplit (local)':>24} " + " ".join(f"{unsplit_cos[i]:7.4f}" for i in range(len(shown))))
+    for name in names:
+        print(f"{name:>24} " + " ".join(f"{results[name]['cosines'][i]:7.4f}" for i in range(len(shown))))
     unsplit_spearman = spearman_x100(unsplit_cos, gold)
     print(f"\nOver {len(pairs)} pairs ({len(texts)} sentences sent through the server):")
     print(f"{'codec':>24} {'bytes/sentence':>15} {'bits/token':>11} {'Spearman':>9} {'of unsplit':>11} {'RTT ms':>7}")

@@ -63,6 +63,25 @@ def test_run_several_texts_and_similarity(cloud) -> None:
     assert float(done.stdout.split()[0]) > 0.8
 
 
+def test_bench_demo_scores_pairs_through_the_server_per_codec(cloud, tmp_path: Path) -> None:
+    _, address = cloud
+    out = tmp_path / "demo.json"
+    done = subprocess.run(
+        [BIN / "splitwire-bench", "--threads", "1", "demo", "--server", address, "--pairs", "8", "--show", "2",
+         "--codecs", "fp32,hyperprior-s5-l800", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Every codec's row in the per-pair table carries its whole name and one cosine per shown pair.
+    (learned_row,) = [line for line in lines if line.split()[:1] == ["hyperprior-s5-l800"] and len(line.split()) == 3]
+    assert all(0.0 < float(cell) <= 1.0 for cell in learned_row.split()[1:])
+    result = json.loads(out.read_text())
+    assert result["codecs"]["fp32"]["spearman"] == pytest.approx(result["unsplit_spearman"], abs=0.01)
+    learned = result["codecs"]["hyperprior-s5-l800"]
+    assert 0 < learned["bits_per_token"] < result["codecs"]["fp32"]["bits_per_token"] / 50
+
+
 def test_edge_reports_a_refused_codec_clearly(cloud) -> None:
     _, address = cloud
     done = edge("run", "--server", address, "--codec", "nope", "text")
