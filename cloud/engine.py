@@ -41,6 +41,7 @@ from splitwire.cloud.decoding import DecodePlacer
 from splitwire.cloud.errors import InvalidInput, ModelNotReady, NotFound, Overloaded, PeerMismatch, SessionIdle
 from splitwire.cloud.generation import GeneratedToken, GenerationSession, SessionStateError
 from splitwire.cloud.sessions import SessionLimiter
+from splitwire.codec import container
 from splitwire.codec.base import Codec
 from splitwire.codec.catalog import CodecCatalog
 from splitwire.codec.container import Header
@@ -85,8 +86,8 @@ class InferenceEngine:
         self._back: BackHalf | ComputeProcess | None = None
         self._decoder: SplitModel | None = None  # generation steps, decoder models only
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwire-compute")
-        self._decode = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="splitwire-decode")
-        self._placer = DecodePlacer(self._decode)
+        self._decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="splitwire-decode")
+        self._placer = DecodePlacer(self._decode_pool)
         self._batcher: Batcher[Cut, BackJob, Answer] | None = None
         self._decoding = 0  # admitted requests whose payload is being decoded
         self._codec_fingerprints: dict[str, str] = {}  # hashing a codec's parameters per request is too slow
@@ -166,7 +167,7 @@ class InferenceEngine:
         if self._batcher is not None:
             await self._batcher.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
-        self._decode.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self._back is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._back.close)
 
@@ -256,7 +257,7 @@ class InferenceEngine:
         started = time.monotonic()
         self._decoding += 1
         try:
-            header, hidden = await self._placer.run(codec.name, payload, functools.partial(self._decode_payload, codec))
+            header, hidden = await self._decode(codec, payload)
         finally:
             self._decoding -= 1
         decode_s = time.monotonic() - started
@@ -305,7 +306,7 @@ class InferenceEngine:
         """Decode one payload of ``session`` (the prompt, then one token) and choose the next token."""
         started = time.monotonic()
         codec = session.codec
-        header, hidden = await self._placer.run(codec.name, payload, functools.partial(self._decode_payload, codec))
+        header, hidden = await self._decode(codec, payload)
         try:
             session.check(header)
         except SessionStateError as exc:
@@ -323,8 +324,18 @@ class InferenceEngine:
             compute_s=time.monotonic() - decoded,
         )
 
+    async def _decode(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
+        """Payload -> header and the kept tokens' hidden states ``(T_kept, D)``, on the event loop or a
+        decode thread by the predicted cost of the tokens the header claims; InvalidInput when malformed."""
+        try:
+            claimed, _ = container.parse(payload, codec.width, max_tokens=self.max_tokens, max_width=codec.width)
+        except BitstreamError as exc:
+            raise InvalidInput(f"malformed payload for codec {codec.name}: {exc}") from None
+        return await self._placer.run(
+            codec.name, payload, claimed.kept_tokens, functools.partial(self._decode_payload, codec)
+        )
+
     def _decode_payload(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
-        """Payload -> header and the kept tokens' hidden states ``(T_kept, D)``; InvalidInput when malformed."""
         try:
             return codec.decode_payload(payload, max_tokens=self.max_tokens)
         except BitstreamError as exc:

@@ -30,11 +30,13 @@ class Recorder:
         return len(payload)
 
 
-def decode_many(placer: DecodePlacer, codec: str, sizes: list[int], decoder: Recorder) -> list[str]:
+def decode_many(placer: DecodePlacer, codec: str, sizes: list[int], decoder: Recorder, tokens: int = 10) -> list[str]:
+    """Decode payloads of ``sizes`` bytes, each claiming ``tokens`` tokens; where each one ran."""
+
     async def scenario() -> None:
         for size in sizes:
             with contextlib.suppress(ValueError):  # refused payloads are part of the scenario
-                await placer.run(codec, bytes(size), decoder)
+                await placer.run(codec, bytes(size), tokens, decoder)
 
     asyncio.run(scenario())
     return ["loop" if name == "MainThread" else "executor" for name in decoder.threads]
@@ -56,8 +58,16 @@ def test_costly_codecs_and_large_payloads_stay_on_the_executor(executor: ThreadP
     placer = DecodePlacer(executor, inline_budget_s=100e-6)
     assert set(decode_many(placer, "hyperprior", [200] * 12, Recorder(seconds=0.002))) == {"executor"}
     decode_many(placer, "fp32", [1000] * 10, Recorder())
-    assert placer.inline("fp32", 1000)
-    assert not placer.inline("fp32", MAX_INLINE_BYTES + 1)
+    assert placer.inline("fp32", 10, 1000)
+    assert not placer.inline("fp32", 10, MAX_INLINE_BYTES + 1)
+
+
+def test_the_claimed_token_count_not_the_size_predicts_the_cost(executor: ThreadPoolExecutor) -> None:
+    placer = DecodePlacer(executor, inline_budget_s=2e-3)
+    decode_many(placer, "hyperprior", [80] * 10, Recorder(seconds=0.0005), tokens=10)
+    assert placer.inline("hyperprior", 10, 80)
+    # As few bytes claiming 512 tokens: about 25 ms to decode, so never on the event loop.
+    assert not placer.inline("hyperprior", 512, 80)
 
 
 def test_refused_payloads_teach_nothing(executor: ThreadPoolExecutor) -> None:
@@ -69,8 +79,8 @@ def test_refused_payloads_teach_nothing(executor: ThreadPoolExecutor) -> None:
 def test_errors_reach_the_caller_from_either_place(executor: ThreadPoolExecutor) -> None:
     placer = DecodePlacer(executor)
     decode_many(placer, "fp32", [10] * 10, Recorder())
-    assert placer.inline("fp32", 10)
+    assert placer.inline("fp32", 10, 10)
     with pytest.raises(ValueError, match="malformed"):
-        asyncio.run(placer.run("fp32", bytes(10), Recorder(fail=True)))
+        asyncio.run(placer.run("fp32", bytes(10), 10, Recorder(fail=True)))
     with pytest.raises(ValueError, match="malformed"):
-        asyncio.run(placer.run("new-codec", bytes(10), Recorder(fail=True)))
+        asyncio.run(placer.run("new-codec", bytes(10), 10, Recorder(fail=True)))
