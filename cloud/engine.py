@@ -330,16 +330,17 @@ class InferenceEngine:
         try:
             claimed, _ = container.parse(payload, codec.width, max_tokens=self.max_tokens, max_width=codec.width)
         except BitstreamError as exc:
-            raise InvalidInput(f"malformed payload for codec {codec.name}: {exc}") from None
+            raise _malformed(codec, exc) from None
         return await self._placer.run(
             codec.name, payload, claimed.kept_tokens, functools.partial(self._decode_payload, codec)
         )
 
     def _decode_payload(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
+        """The decoding itself, wherever the placer runs it."""
         try:
             return codec.decode_payload(payload, max_tokens=self.max_tokens)
         except BitstreamError as exc:
-            raise InvalidInput(f"malformed payload for codec {codec.name}: {exc}") from None
+            raise _malformed(codec, exc) from None
 
     def _batch_compute(self) -> Compute:
         """The Batcher's compute function: submit to the compute process, or run on the compute thread."""
@@ -361,3 +362,7 @@ class InferenceEngine:
     def _observe_batch(self, size: int) -> None:
         assert self.model is not None
         metrics.BATCH_SIZE.labels(self.model.name).observe(size)
+
+
+def _malformed(codec: Codec, exc: BitstreamError) -> InvalidInput:
+    return InvalidInput(f"malformed payload for codec {codec.name}: {exc}")
