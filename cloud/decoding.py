@@ -52,19 +52,19 @@ class DecodePlacer:
         predicted = self.predicted_seconds(codec, tokens)
         return predicted is not None and predicted <= self.inline_budget_s and size <= MAX_INLINE_BYTES
 
-    async def run(self, codec: str, payload: bytes, tokens: int, decode: Callable[[bytes], Result]) -> Result:
-        """``decode(payload)`` of a payload whose header claims ``tokens`` tokens, inline or on the
-        executor; raises what ``decode`` raises."""
+    async def run(self, codec: str, size: int, tokens: int, decode: Callable[[], Result]) -> Result:
+        """``decode()`` of a payload of ``size`` bytes whose header claims ``tokens`` tokens, inline or on
+        the executor; raises what ``decode`` raises."""
 
-        def timed(data: bytes) -> tuple[Result, float]:
+        def timed() -> tuple[Result, float]:
             started = time.thread_time()
-            result = decode(data)
+            result = decode()
             return result, time.thread_time() - started
 
-        if self.inline(codec, tokens, len(payload)):
-            result, seconds = timed(payload)
+        if self.inline(codec, tokens, size):
+            result, seconds = timed()
         else:
-            result, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, timed, payload)
+            result, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
         self._learn(codec, tokens, seconds)
         return result
 

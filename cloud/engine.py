@@ -2,7 +2,7 @@
 
 ::
 
-    payload --DecodePlacer: codec.decode_payload--> (T_kept, D) --Batcher--> compute thread
+    payload --codec.parse_payload, DecodePlacer: codec.decode_body--> (T_kept, D) --Batcher--> compute thread
         --BackHalf here, or ComputeProcess in a child--> blocks [k, L) + head --> answer
 
 Lifecycle: ``load()`` (blocking: weights, codecs, compute process, warm-up) -> ``ready`` -> ``start()``
@@ -41,7 +41,6 @@ from splitwire.cloud.decoding import DecodePlacer
 from splitwire.cloud.errors import InvalidInput, ModelNotReady, NotFound, Overloaded, PeerMismatch, SessionIdle
 from splitwire.cloud.generation import GeneratedToken, GenerationSession, SessionStateError
 from splitwire.cloud.sessions import SessionLimiter
-from splitwire.codec import container
 from splitwire.codec.base import Codec
 from splitwire.codec.catalog import CodecCatalog
 from splitwire.codec.container import Header
@@ -328,17 +327,19 @@ class InferenceEngine:
         """Payload -> header and the kept tokens' hidden states ``(T_kept, D)``, on the event loop or a
         decode thread by the predicted cost of the tokens the header claims; InvalidInput when malformed."""
         try:
-            claimed, _ = container.parse(payload, codec.width, max_tokens=self.max_tokens, max_width=codec.width)
+            header, body = codec.parse_payload(payload, max_tokens=self.max_tokens)
         except BitstreamError as exc:
             raise _malformed(codec, exc) from None
-        return await self._placer.run(
-            codec.name, payload, claimed.kept_tokens, functools.partial(self._decode_payload, codec)
+        hidden = await self._placer.run(
+            codec.name, len(payload), header.kept_tokens, functools.partial(self._decode_body, codec, header, body)
         )
+        return header, hidden
 
-    def _decode_payload(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
-        """The decoding itself, wherever the placer runs it."""
+    @staticmethod
+    def _decode_body(codec: Codec, header: Header, body: memoryview) -> torch.Tensor:
+        """The costly half of decoding, wherever the placer runs it."""
         try:
-            return codec.decode_payload(payload, max_tokens=self.max_tokens)
+            return codec.decode_body(header, body)
         except BitstreamError as exc:
             raise _malformed(codec, exc) from None
 

@@ -115,6 +115,13 @@ class Codec(ABC):
         self, payload: bytes, max_tokens: int = container.DEFAULT_MAX_TOKENS
     ) -> tuple[container.Header, torch.Tensor]:
         """Payload -> (header, hidden states of the kept tokens ``(T_kept, D)``)."""
+        header, body = self.parse_payload(payload, max_tokens)
+        return header, self.decode_body(header, body)
+
+    def parse_payload(
+        self, payload: bytes, max_tokens: int = container.DEFAULT_MAX_TOKENS
+    ) -> tuple[container.Header, memoryview]:
+        """The cheap half of :meth:`decode_payload`: the header, checked against this codec, and the body."""
         header, body = container.parse(payload, self.width, max_tokens=max_tokens, max_width=self.width)
         if header.codec_kind != self.kind:
             try:
@@ -124,7 +131,11 @@ class Codec(ABC):
             raise BitstreamError(f"payload was coded with {claimed}, but the request names {self.name}")
         if header.width != self.width:
             raise BitstreamError(f"payload width {header.width} does not match the model width {self.width}")
+        return header, body
+
+    def decode_body(self, header: container.Header, body: bytes | memoryview) -> torch.Tensor:
+        """The costly half of :meth:`decode_payload`: the body of a parsed payload -> ``(T_kept, D)``."""
         hidden = self.decode(body, header.kept_tokens)
         if not torch.isfinite(hidden).all():
             raise BitstreamError("payload decodes to non-finite values")
-        return header, hidden
+        return hidden

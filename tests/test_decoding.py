@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ def decode_many(placer: DecodePlacer, codec: str, sizes: list[int], decoder: Rec
     async def scenario() -> None:
         for size in sizes:
             with contextlib.suppress(ValueError):  # refused payloads are part of the scenario
-                await placer.run(codec, bytes(size), tokens, decoder)
+                await placer.run(codec, size, tokens, functools.partial(decoder, bytes(size)))
 
     asyncio.run(scenario())
     return ["loop" if name == "MainThread" else "executor" for name in decoder.threads]
@@ -81,6 +82,6 @@ def test_errors_reach_the_caller_from_either_place(executor: ThreadPoolExecutor)
     decode_many(placer, "fp32", [10] * 10, Recorder())
     assert placer.inline("fp32", 10, 10)
     with pytest.raises(ValueError, match="malformed"):
-        asyncio.run(placer.run("fp32", bytes(10), 10, Recorder(fail=True)))
+        asyncio.run(placer.run("fp32", 10, 10, functools.partial(Recorder(fail=True), bytes(10))))
     with pytest.raises(ValueError, match="malformed"):
-        asyncio.run(placer.run("new-codec", bytes(10), 10, Recorder(fail=True)))
+        asyncio.run(placer.run("new-codec", 10, 10, functools.partial(Recorder(fail=True), bytes(10))))
