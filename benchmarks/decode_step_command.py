@@ -10,8 +10,8 @@ Both run greedy decoding after the same prompt, with the same torch threads (the
 run on a free loopback port, its compute alone on the machine while a step crosses it). The unsplit step is
 timed on the lean path (:class:`~splitwire.split.cut.SplitModel` over all blocks) and through the Hugging
 Face model's own ``forward`` with its cache; the ratio is against the faster of the two, so the split is
-never flattered by a slow baseline. ``ratio`` = median split step /
-median unsplit step, over ``--steps`` steps per round for each, in ``--rounds`` interleaved rounds.
+never flattered by a slow baseline. ``ratio`` = median split step / median unsplit step, over ``--steps``
+steps per round for each, in ``--rounds`` interleaved rounds.
 """
 
 from __future__ import annotations
@@ -125,13 +125,14 @@ def run(args: argparse.Namespace, security: ClientSecurity) -> dict[str, object]
         hf_ms: list[float] = []
         split_ms: dict[int, list[float]] = {i: [] for i in range(len(agents))}
         results: dict[int, object] = {}
-        _, reference = unsplit_lean(model, prompt_ids, args.steps)
+        reference: list[int] = []  # greedy tokens of the unsplit model, from any lean round
         variants = ["lean", "hf", *range(len(agents))]
         for round_index in range(args.rounds):
             shift = round_index % len(variants)
             for variant in variants[shift:] + variants[:shift]:
                 if variant == "lean":
-                    lean_ms += unsplit_lean(model, prompt_ids, args.steps)[0]
+                    times, reference = unsplit_lean(model, prompt_ids, args.steps)
+                    lean_ms += times
                 elif variant == "hf":
                     hf_ms += unsplit_hf(model, prompt_ids, args.steps)[0]
                 else:
