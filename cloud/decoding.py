@@ -4,7 +4,8 @@ A hop to a thread buys no parallelism for decoders that hold the GIL (Python, sm
 calls), and under load it costs more than it saves: the decode thread gives the GIL up at every short
 native call and then waits for the busy event loop to hand it back. Measured with ``splitwire-bench
 load`` at the defaults (MiniLM split 5, the hyperprior codec, about 0.7 ms per sentence), decoding
-inline served 15-25% more requests with lower latency than decoding on the thread. So each codec's
+inline served 15-25% more requests with lower latency than decoding on the thread (the A/B is in
+the README, Benchmarks: compute and load). So each codec's
 cost per token is learned as requests go by (every successful decode's CPU time is measured on the
 thread that ran it, so waiting for the GIL or for the executor does not count), and a payload whose
 predicted decode time is under ``inline_budget_s`` (2 ms: the longest the loop may stall for one
