@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from splitwire.benchmarks import datasets
 from splitwire.codec.base import Codec
+from splitwire.edge.agent import codec_input
 from splitwire.split.cut import Cut, SplitModel
 from splitwire.split.models import LoadedModel
 
@@ -33,10 +33,9 @@ def encode(model: LoadedModel, cut: Cut, codec: Codec, texts: list[str]) -> list
     """One payload per text, exactly as the edge agent builds it (front half, then the codec)."""
     split_model = SplitModel(model)
     payloads = []
-    with torch.inference_mode():
-        for text in texts:
-            input_ids, token_mask = model.tokenize([text])
-            hidden = split_model.run_front(cut, input_ids, token_mask)[0]
-            payloads.append(codec.encode_sequence(hidden))
+    for text in texts:
+        input_ids, token_mask = model.tokenize([text])
+        hidden = codec_input(split_model, cut, codec, input_ids, token_mask)[0]
+        payloads.append(codec.encode_sequence(hidden))
     log.info("encoded %d texts with %s at split %d", len(texts), codec.name, cut.split)
     return payloads

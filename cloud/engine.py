@@ -83,7 +83,8 @@ class InferenceEngine:
         self.model: LoadedModel | None = None
         self.catalog: CodecCatalog | None = None
         self._back: BackHalf | ComputeProcess | None = None
-        self._decoder: SplitModel | None = None  # generation steps, decoder models only
+        self._split_model: SplitModel | None = None  # embeds token-ids payloads; generation steps
+        self._decoder: SplitModel | None = None  # the same, decoder models only
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwire-compute")
         self._decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="splitwire-decode")
         self._placer = DecodePlacer(self._decode_pool)
@@ -110,7 +111,7 @@ class InferenceEngine:
             torch.set_num_threads(self.config.torch_threads)
         try:
             model = load_model(self.config.model)
-            catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
+            catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size, vocab_size=model.vocab_size)
             if self.config.codec is not None:
                 catalog.get(self.config.codec)  # fail at start-up, not on the first request
             cut = Cut.from_wire(model, self.config.split)
@@ -125,8 +126,9 @@ class InferenceEngine:
                 process.close()
             raise
         self.model, self.catalog = model, catalog
+        self._split_model = SplitModel(model)
         if model.family is ModelFamily.DECODER:
-            self._decoder = SplitModel(model)
+            self._decoder = self._split_model
             if process is not None and self.config.torch_threads:
                 torch.set_num_threads(self.config.torch_threads)  # generation steps run in this process
         self._codec_fingerprints = {codec.name: codec.fingerprint() for codec in catalog}
@@ -335,13 +337,19 @@ class InferenceEngine:
         )
         return header, hidden
 
-    @staticmethod
-    def _decode_body(codec: Codec, header: Header, body: memoryview) -> torch.Tensor:
-        """The costly half of decoding, wherever the placer runs it."""
+    def _decode_body(self, codec: Codec, header: Header, body: memoryview) -> torch.Tensor:
+        """The costly half of decoding, wherever the placer runs it. Token ids (split 0, nothing run on
+        the edge) are embedded here, so what reaches the blocks is the input of block 0 either way."""
         try:
-            return codec.decode_body(header, body)
+            hidden = codec.decode_body(header, body)
         except BitstreamError as exc:
             raise _malformed(codec, exc) from None
+        if not codec.codes_token_ids:
+            return hidden
+        assert self._split_model is not None
+        ids = hidden.reshape(1, -1).long()
+        with torch.inference_mode():
+            return self._split_model.embed(ids, torch.ones_like(ids, dtype=torch.bool))[0]
 
     def _batch_compute(self) -> Compute:
         """The Batcher's compute function: submit to the compute process, or run on the compute thread."""

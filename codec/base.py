@@ -32,6 +32,7 @@ class CodecKind(enum.IntEnum):
     PCA = 6
     FACTORIZED = 7
     HYPERPRIOR = 8
+    TOKEN_IDS = 9
 
     @property
     def label(self) -> str:
@@ -43,6 +44,9 @@ class Codec(ABC):
 
     kind: ClassVar[CodecKind]
     lossless: ClassVar[bool] = False
+    # True for the one codec that codes the input's token ids ``(T, 1)`` at split 0 instead of hidden
+    # states: the edge runs nothing and the cloud embeds the ids before the blocks.
+    codes_token_ids: ClassVar[bool] = False
 
     def __init__(self, name: str, width: int, splits: tuple[int, ...] = ()) -> None:
         self.name = name

@@ -16,6 +16,7 @@ from pathlib import Path
 from splitwire.codec.base import Codec, CodecKind
 from splitwire.codec.errors import UnknownCodecError
 from splitwire.codec.raw import Bf16Codec, Fp16Codec, Fp32Codec, Int8ZstdCodec
+from splitwire.codec.token_ids import TOKEN_IDS_CODEC, TokenIdsCodec
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,13 @@ class CodecCatalog:
         model_fingerprint: str,
         width: int,
         checkpoint_dir: Path = CHECKPOINT_DIR,
+        vocab_size: int | None = None,
     ) -> CodecCatalog:
+        """Built-ins, ``token-ids`` when the model's ``vocab_size`` is given, and the checkpoints trained
+        for ``model_fingerprint``."""
         codecs: dict[str, Codec] = {name: make(name, width) for name, make in BUILTIN_CODECS.items()}
+        if vocab_size is not None:
+            codecs[TOKEN_IDS_CODEC] = TokenIdsCodec(vocab_size)
         default = DEFAULT_CODEC
         for entry in read_manifest(checkpoint_dir):
             if entry.model_fingerprint != model_fingerprint:

@@ -190,6 +190,17 @@ class _StepWatchdog:
                 return
 
 
+def codec_input(
+    split_model: SplitModel, cut: Cut, codec: Codec, input_ids: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """What ``codec`` encodes for a batch: the hidden states at the split ``(B, T, D)``, or for the
+    token-ids codec the ids themselves ``(B, T, 1)``, the front half not run at all."""
+    if codec.codes_token_ids:
+        return input_ids[..., None].float()
+    with torch.inference_mode():
+        return split_model.run_front(cut, input_ids, token_mask)
+
+
 class EdgeAgent:
     """Front half + codec + gRPC client. ``load()``, ``connect()``, then ``infer()`` as often as needed."""
 
@@ -220,7 +231,7 @@ class EdgeAgent:
     def _use(self, model: LoadedModel) -> None:
         self.model = model
         self._split_model = SplitModel(model)
-        self.catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
+        self.catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size, vocab_size=model.vocab_size)
 
     def connect(self) -> None:
         """Open the channel, fetch the server's info and settle model, split and codec with it."""
@@ -285,8 +296,7 @@ class EdgeAgent:
         t0 = time.perf_counter()
         input_ids, token_mask = self.model.tokenize([text])
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            hidden = self._split_model.run_front(self.cut, input_ids, token_mask)[0]
+        hidden = codec_input(self._split_model, self.cut, self.codec, input_ids, token_mask)[0]
         t2 = time.perf_counter()
         payload = self.codec.encode_sequence(hidden)
         t3 = time.perf_counter()
@@ -416,8 +426,12 @@ class EdgeAgent:
         def request_for(new_ids: list[int]) -> pb.InferRequest:
             nonlocal front_s, encode_s, payload_bytes, message_bytes, tokens_sent
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                hidden = self._split_model.front_step(cache, torch.tensor([new_ids], dtype=torch.long))[0]
+            step_ids = torch.tensor([new_ids], dtype=torch.long)
+            if self.codec.codes_token_ids:  # nothing runs on the edge: the ids go as they are
+                hidden = step_ids[0, :, None].float()
+            else:
+                with torch.inference_mode():
+                    hidden = self._split_model.front_step(cache, step_ids)[0]
             t1 = time.perf_counter()
             payload = self.codec.encode_payload(hidden)  # every token: the server's cache needs each position
             front_s, encode_s = front_s + t1 - t0, encode_s + time.perf_counter() - t1

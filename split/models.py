@@ -97,6 +97,10 @@ class LoadedModel:
     def hidden_size(self) -> int:
         return int(self.hf_model.config.hidden_size)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_model.config.vocab_size)
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``(B, T)`` and a boolean token mask ``(B, T)``, right-padded, truncated to max_tokens."""
         enc = self.tokenizer(

@@ -21,6 +21,7 @@ from splitwire.codec import container
 from splitwire.codec.base import Codec
 from splitwire.codec.catalog import BUILTIN_CODECS, load_checkpoint, read_manifest
 from splitwire.codec.errors import BitstreamError
+from splitwire.codec.token_ids import TokenIdsCodec
 from test_learned_codecs import KINDS, build
 
 MAX_TOKENS = 128  # what the server allows (tiny models' limit); headers may claim far more
@@ -34,6 +35,7 @@ def _codecs() -> dict[str, Codec]:
     """Raw codecs, a small seeded codec of every learned kind, and every shipped checkpoint."""
     codecs: dict[str, Codec] = {name: make(name, 16) for name, make in BUILTIN_CODECS.items()}
     codecs.update({f"learned-{kind}": build(kind) for kind in KINDS})
+    codecs["token-ids"] = TokenIdsCodec(1000)  # 10 bits per id, so most 10-bit patterns are out of range
     for entry in read_manifest():
         codecs[f"shipped-{entry.name}"] = load_checkpoint(entry, int(entry.config.get("width", 384)))
     return codecs
@@ -52,8 +54,10 @@ def varint(value: int) -> bytes:
 
 
 def valid_payload(codec: Codec, tokens: int = 6, seed: int = 0) -> bytes:
-    hidden = torch.randn(tokens, codec.width, generator=torch.Generator().manual_seed(seed)) * 2.0
-    return codec.encode_payload(hidden)
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(codec, TokenIdsCodec):
+        return codec.encode_payload(torch.randint(0, codec.vocab_size, (tokens, 1), generator=generator).float())
+    return codec.encode_payload(torch.randn(tokens, codec.width, generator=generator) * 2.0)
 
 
 @st.composite

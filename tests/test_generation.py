@@ -149,6 +149,18 @@ def test_greedy_generation_through_the_server_equals_unsplit(
     assert all(lp <= 0.0 for lp in result.logprobs)
 
 
+def test_token_ids_generate_like_unsplit_with_the_whole_model_in_the_cloud(
+    server: ServerThread, tiny_llama: LoadedModel
+) -> None:
+    with agent_for(server, tiny_llama, split=0, codec="token-ids") as agent:
+        params = SamplingParams(max_new_tokens=12, stop_tokens=agent.stop_tokens())
+        result = agent.generate(PROMPT, params)
+    assert result.token_ids == unsplit_generate(tiny_llama, prompt_ids(tiny_llama), params)
+    # 15 bits an id (a vocabulary of 30,522) after a 3-byte header: the prompt, then one id a step
+    steps = len(result.token_ids) - 1
+    assert result.payload_bytes == 3 + (result.prompt_tokens * 15 + 7) // 8 + steps * (3 + 2)
+
+
 def test_seeded_sampling_is_reproducible_through_the_server(server: ServerThread, tiny_llama: LoadedModel) -> None:
     params = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=7)
     with agent_for(server, tiny_llama, split=1) as agent:

@@ -10,6 +10,7 @@ import zstandard
 from splitwire.codec.base import CodecKind
 from splitwire.codec.catalog import BUILTIN_CODECS, CodecCatalog
 from splitwire.codec.errors import BitstreamError, UnknownCodecError
+from splitwire.codec.token_ids import TokenIdsCodec
 
 WIDTH = 16
 
@@ -100,4 +101,34 @@ def test_catalog_lists_builtins_and_refuses_unknown_names() -> None:
 def test_codec_kind_ids_never_change() -> None:
     assert {kind.label: int(kind) for kind in CodecKind} == {
         "fp32": 1, "fp16": 2, "bf16": 3, "int8-zstd": 4, "uniform": 5, "pca": 6, "factorized": 7, "hyperprior": 8,
+        "token-ids": 9,
     }  # fmt: skip
+
+
+def test_token_ids_round_trip_in_ceil_log2_vocab_bits() -> None:
+    codec = TokenIdsCodec(30522)
+    ids = torch.tensor([101, 2023, 30521, 0, 7592, 102], dtype=torch.float32)[:, None]
+    payload = codec.encode_payload(ids)
+    assert len(payload) == 3 + (6 * 15 + 7) // 8  # header, then 15 bits an id
+    header, decoded = codec.decode_payload(payload)
+    assert header.tokens == 6 and torch.equal(decoded, ids)
+    assert codec.valid_at(0) and not codec.valid_at(1)
+
+
+def test_token_ids_refuse_ids_past_the_vocabulary_and_stray_bits() -> None:
+    codec = TokenIdsCodec(1000)  # 10 bits an id: 1023 is a valid pattern but not a valid id
+    header = bytes([0x51, int(CodecKind.TOKEN_IDS), 1])
+    with pytest.raises(BitstreamError, match="id 1023, past the vocabulary of 1000"):
+        codec.decode_payload(header + bytes([0xFF, 0x03]))
+    with pytest.raises(BitstreamError, match="bits set past the last token"):
+        codec.decode_payload(header + bytes([0x01, 0x04]))
+    with pytest.raises(BitstreamError, match="is 3 bytes, expected 2"):
+        codec.decode_payload(header + bytes(3))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        codec.encode_payload(torch.tensor([[1000.0]]))
+
+
+def test_catalog_offers_token_ids_only_when_told_the_vocabulary() -> None:
+    assert "token-ids" not in CodecCatalog.for_model("m", WIDTH).names()
+    catalog = CodecCatalog.for_model("m", WIDTH, vocab_size=30522)
+    assert catalog.names(0)[-1] == "token-ids" and "token-ids" not in catalog.names(1)

@@ -90,6 +90,27 @@ def test_split_embedding_matches_unsplit_over_grpc(
             assert cosine >= bound
 
 
+def test_token_ids_run_the_whole_model_in_the_cloud(minilm_server: ServerThread, minilm: LoadedModel) -> None:
+    expected = transformers_sentence_embedding(minilm, SENTENCES)
+    with edge_for(minilm_server, minilm, split=0, codec="token-ids") as edge:
+        for index, text in enumerate(SENTENCES):
+            result = edge.infer(text)
+            cosine = torch.nn.functional.cosine_similarity(
+                torch.from_numpy(result.embedding)[None], expected[index : index + 1]
+            ).item()
+            assert cosine >= 0.99999
+            assert result.payload_bytes == 3 + (result.tokens * 15 + 7) // 8
+
+
+def test_token_ids_are_refused_past_split_0(stub, agent: EdgeAgent) -> None:
+    request = valid_request(agent)
+    request.codec = "token-ids"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Infer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "trained for split(s) [0]" in caught.value.details()
+
+
 def test_result_reports_bytes_tokens_and_bits(agent: EdgeAgent) -> None:
     result = agent.infer(SENTENCES[0])
     assert result.tokens == 11  # [CLS] + 9 word pieces + [SEP]
