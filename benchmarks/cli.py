@@ -113,6 +113,49 @@ def cmd_decode_step(args: argparse.Namespace, argv: list[str] | None) -> int:
     return _run_client(args, argv, decode_step_command.run)
 
 
+def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import compare_command
+
+    payload = {**_run_info(argv), **compare_command.run(args)}
+    if args.json:
+        _write_json(args.json, payload)
+    return 0
+
+
+def add_compare_command(sub: argparse._SubParsersAction) -> None:
+    from splitwire.split.models import DEFAULT_MODEL
+
+    compare = sub.add_parser(
+        "compare",
+        help="end-to-end latency, quality, bytes and cloud compute: split codecs vs device only vs cloud only",
+        description="Each sentence of --pairs STS-B dev pairs, one request at a time, from an emulated device "
+        "(one thread under a CPU quota) through an emulated link (network namespace + tbf, see "
+        "benchmarks/link.py) to a server this run starts: split + each codec, cloud only (token ids), and "
+        "the whole model on the device.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    compare.add_argument("--model", default=DEFAULT_MODEL)
+    compare.add_argument("--split", type=int, default=None, help="split point (default: the model's)")
+    compare.add_argument(
+        "--codecs", default=None, help="codecs at the split, comma-separated (default: fp16, int8-zstd, the default)"
+    )
+    compare.add_argument(
+        "--links",
+        default="1mbit/100ms,10mbit/40ms,100mbit/10ms",
+        help="link profiles BANDWIDTH/RTT[/LOSS], comma-separated",
+    )
+    compare.add_argument("--pairs", type=int, default=50, help="STS-B dev pairs; each sentence is one request")
+    compare.add_argument("--warmup", type=int, default=5, help="requests before measuring, per configuration")
+    compare.add_argument("--device-cpu", type=float, default=0.25, help="the device's CPU cap, in cores")
+    compare.add_argument(
+        "--simulate-link", action="store_true", help="never use namespaces: add bytes / bandwidth + round trip"
+    )
+    compare.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
+    compare.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+    compare.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the latency bars here")
+    compare.set_defaults(handler=cmd_compare)
+
+
 def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     """``compute`` (the back half's pure batched throughput) and ``load`` (a server under closed-loop load)."""
     from splitwire.split.models import DEFAULT_MODEL
@@ -298,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=cmd_report)
 
     add_serving_commands(sub)
+    add_compare_command(sub)
     return parser
 
 

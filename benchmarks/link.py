@@ -121,7 +121,7 @@ class NamespaceLink:
         self.profile = profile
         tag = os.getpid() % 100_000
         self.namespace = f"sw-link-{tag}"
-        self._near, self._far = f"swl{tag}a", f"swl{tag}b"
+        self.near_device, self._far = f"swl{tag}a", f"swl{tag}b"
         # A private /30 per process: 10.(200 + pid / 16384 % 50).x.y, never routed anywhere.
         network = ipaddress.ip_network(f"10.{200 + tag // 16384 % 50}.{(tag // 64) % 256}.{(tag % 64) * 4}/30")
         self.near_address, self.far_address = (str(a) for a in network.hosts())
@@ -143,14 +143,14 @@ class NamespaceLink:
 
     def _set_up(self) -> None:
         _ip("netns", "add", self.namespace)
-        _ip("link", "add", self._near, "type", "veth", "peer", "name", self._far, "netns", self.namespace)
-        _ip("addr", "add", f"{self.near_address}/30", "dev", self._near)
-        _ip("link", "set", self._near, "up")
+        _ip("link", "add", self.near_device, "type", "veth", "peer", "name", self._far, "netns", self.namespace)
+        _ip("addr", "add", f"{self.near_address}/30", "dev", self.near_device)
+        _ip("link", "set", self.near_device, "up")
         _ip("-n", self.namespace, "addr", "add", f"{self.far_address}/30", "dev", self._far)
         _ip("-n", self.namespace, "link", "set", self._far, "up")
         _ip("-n", self.namespace, "link", "set", "lo", "up")
         netem = self._netem_available()
-        for namespace, device in ((None, self._near), (self.namespace, self._far)):
+        for namespace, device in ((None, self.near_device), (self.namespace, self._far)):
             self._shape(namespace, device, netem)
         self.mode = "netns+tbf+netem" if netem else "netns+tbf, delay by relay (no netem in this kernel)"
         if not netem and self.profile.loss:
@@ -160,20 +160,21 @@ class NamespaceLink:
     def _netem_available(self) -> bool:
         """Try netem on the near device (some container kernels have no sch_netem)."""
         tried = subprocess.run(
-            ["tc", "qdisc", "add", "dev", self._near, "root", "netem", "delay", "1ms"], capture_output=True
+            ["tc", "qdisc", "add", "dev", self.near_device, "root", "netem", "delay", "1ms"], capture_output=True
         )
         if tried.returncode != 0:
             return False
-        _tc("qdisc", "del", "dev", self._near, "root")
+        _tc("qdisc", "del", "dev", self.near_device, "root")
         return True
 
     def _shape(self, namespace: str | None, device: str, netem: bool) -> None:
         """Egress of ``device``: tbf at the link rate, below netem's one-way delay and loss when present."""
         prefix = ["-n", namespace] if namespace else []
         rate = f"{int(self.profile.bandwidth_bps)}bit"
-        # A burst of a few packets (at least 1 ms of traffic) keeps the rate honest at small sizes; the
-        # queue holds a second of traffic so a burst of requests waits rather than being dropped.
-        burst = max(3 * 1514, int(self.profile.bandwidth_bps / 8 / 1000))
+        # The bucket holds one full frame (or 0.1 ms of traffic on fast links), so even a small request
+        # pays its serialisation time rather than slipping through on saved-up tokens; the queue holds a
+        # second of traffic so a burst of requests waits rather than being dropped.
+        burst = max(1600, int(self.profile.bandwidth_bps / 8 / 10_000))
         limit = max(64 * 1514, int(self.profile.bandwidth_bps / 8))
         tbf = ["tbf", "rate", rate, "burst", str(burst), "limit", str(limit)]
         if netem:
@@ -194,7 +195,7 @@ class NamespaceLink:
         self._relays.clear()
         # Deleting the namespace deletes the veth pair with it.
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
-        subprocess.run(["ip", "link", "del", self._near], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.near_device], capture_output=True)
 
     def wrap(self, command: list[str]) -> list[str]:
         """``command`` run inside the server's namespace."""

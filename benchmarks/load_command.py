@@ -44,10 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class ServerProcess:
-    """``splitwire-cloud serve`` on a free loopback port, as a child process; SIGTERM on exit."""
+    """``splitwire-cloud serve`` on a free port (loopback unless ``--host`` says otherwise), as a child
+    process; SIGTERM on exit. ``launcher`` prefixes the command (e.g. ``ip netns exec NAME``)."""
 
-    def __init__(self, arguments: list[str]) -> None:
-        self.command = [str(Path(sys.executable).parent / "splitwire-cloud"), "serve", "--port", "0", *arguments]
+    def __init__(self, arguments: list[str], launcher: list[str] | None = None) -> None:
+        serve = [str(Path(sys.executable).parent / "splitwire-cloud"), "serve", "--port", "0", *arguments]
+        self.command = [*(launcher or []), *serve]
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
 
