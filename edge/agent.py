@@ -77,6 +77,7 @@ class EdgeResult:
     tokens: int
     payload: bytes
     message_bytes: int  # the serialised InferRequest, protobuf framing included
+    response_bytes: int = 0  # the serialised InferResponse
     embedding: np.ndarray | None = None
     next_token_id: int | None = None
     next_token: str | None = None
@@ -98,6 +99,7 @@ class EdgeResult:
             "tokens": self.tokens,
             "payload_bytes": self.payload_bytes,
             "message_bytes": self.message_bytes,
+            "response_bytes": self.response_bytes,
             "bits_per_token": round(self.bits_per_token, 3),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
         }
@@ -216,6 +218,7 @@ class EdgeAgent:
         self.codec: Codec | None = None
         self.server_info: pb.ServerInfo | None = None
         self._auth: tuple[tuple[str, str], ...] = ()
+        self._metadata: tuple[tuple[str, str], ...] = ()  # auth + fingerprints, settled once by connect()
         if model is not None:
             self._use(model)
 
@@ -277,11 +280,17 @@ class EdgeAgent:
         remote_codecs = {c.name: c for c in remote.codecs}
         if codec_name not in remote_codecs:
             raise EdgeError(f"server does not offer codec {codec_name}; it offers {', '.join(remote_codecs)}")
-        if remote_codecs[codec_name].fingerprint != self.codec.fingerprint():
+        codec_fingerprint = self.codec.fingerprint()  # hashes a learned codec's parameters: once, not per call
+        if remote_codecs[codec_name].fingerprint != codec_fingerprint:
             raise EdgeError(
                 f"codec {codec_name} fingerprint mismatch: server has {remote_codecs[codec_name].fingerprint}, "
-                f"this edge has {self.codec.fingerprint()}. Use the same splitwire release on both sides."
+                f"this edge has {codec_fingerprint}. Use the same splitwire release on both sides."
             )
+        self._metadata = (
+            *self._auth,
+            (MODEL_FINGERPRINT_KEY, self.model.fingerprint),
+            (CODEC_FINGERPRINT_KEY, codec_fingerprint),
+        )
         log.info("connected to %s: %s split %d codec %s", self.config.server, self.model.name, split, codec_name)
 
     def close(self) -> None:
@@ -314,14 +323,9 @@ class EdgeAgent:
         started = time.perf_counter()
         request, tokens, timings = self.prepare(text)
         self._check_size(request)
-        metadata = (
-            *self._auth,
-            (MODEL_FINGERPRINT_KEY, self.model.fingerprint),
-            (CODEC_FINGERPRINT_KEY, self.codec.fingerprint()),
-        )
         sent = time.perf_counter()
         try:
-            response = self._stub.Infer(request, timeout=self.config.timeout_s, metadata=metadata)
+            response = self._stub.Infer(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             metrics.REQUESTS.labels(exc.code().name).inc()
             raise EdgeError(f"server refused the request: {self._explain(exc)}") from None
@@ -342,6 +346,7 @@ class EdgeAgent:
             tokens=tokens,
             payload=request.payload,
             message_bytes=request.ByteSize(),
+            response_bytes=response.ByteSize(),
             timings_ms=timings,
         )
         if response.HasField("embedding"):
@@ -409,11 +414,6 @@ class EdgeAgent:
         ids = self.prompt_ids(prompt, chat)
         tokenized = time.perf_counter()
         cache = self._split_model.new_cache(self.cut.front)
-        metadata = (
-            *self._auth,
-            (MODEL_FINGERPRINT_KEY, self.model.fingerprint),
-            (CODEC_FINGERPRINT_KEY, self.codec.fingerprint()),
-        )
         tokenizer = self.model.tokenizer
         front_s = encode_s = 0.0
         payload_bytes = message_bytes = tokens_sent = 0
@@ -442,7 +442,7 @@ class EdgeAgent:
             return request
 
         outbox: queue.Queue[pb.InferRequest | None] = queue.Queue()
-        call = self._stub.InferStream(iter(outbox.get, None), metadata=metadata)
+        call = self._stub.InferStream(iter(outbox.get, None), metadata=self._metadata)
         watchdog = _StepWatchdog(call, self.config.timeout_s)
         try:
             opening = request_for(ids)
