@@ -156,6 +156,49 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
     compare.set_defaults(handler=cmd_compare)
 
 
+def cmd_advise(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import advise_command
+
+    payload = {**_run_info(argv), **advise_command.run(args)}
+    if args.json:
+        _write_json(args.json, payload)
+    return 0
+
+
+def add_advise_command(sub: argparse._SubParsersAction) -> None:
+    from splitwire.split.models import DEFAULT_MODEL
+
+    advise = sub.add_parser(
+        "advise",
+        help="recommend the split point and codec for a link, within a quality budget",
+        description="Predicts end-to-end latency and cloud compute of every split point and codec in an rd "
+        "JSON, and of cloud only and device only, from per-block and per-codec times measured on an emulated "
+        "device and in this process, for one link; recommends the fastest (or least cloud) within the budget.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    advise.add_argument("--model", default=DEFAULT_MODEL)
+    advise.add_argument("--link", default="1mbit/100ms", help="BANDWIDTH/RTT, e.g. 10mbit/40ms")
+    advise.add_argument("--rd", type=Path, default=Path("results/rd_stsb.json"), help="an rd JSON for the model")
+    advise.add_argument(
+        "--quality-budget", type=float, default=0.01, help="largest relative quality loss accepted (0.01: 1%%)"
+    )
+    advise.add_argument(
+        "--minimise",
+        choices=["latency", "cloud"],
+        default="latency",
+        help="latency: end to end; cloud: the least cloud compute of a split, the fastest among those within "
+        "--cloud-tolerance of it",
+    )
+    advise.add_argument(
+        "--cloud-tolerance", type=float, default=0.1, help="cloud times this close to the least count as equal"
+    )
+    advise.add_argument("--device-cpu", type=float, default=0.25, help="the device's CPU cap, in cores")
+    advise.add_argument("--sentences", type=int, default=20, help="STS-B dev sentences timed")
+    advise.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
+    advise.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+    advise.set_defaults(handler=cmd_advise)
+
+
 def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     """``compute`` (the back half's pure batched throughput) and ``load`` (a server under closed-loop load)."""
     from splitwire.split.models import DEFAULT_MODEL
@@ -342,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serving_commands(sub)
     add_compare_command(sub)
+    add_advise_command(sub)
     return parser
 
 

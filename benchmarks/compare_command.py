@@ -19,27 +19,22 @@ warm-up, and quality is the Spearman of those pairs beside the unsplit model's o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from splitwire.benchmarks import datasets
+from splitwire.benchmarks.device import device_model, device_process
 from splitwire.benchmarks.link import LinkProfile, NamespaceLink, SimulatedLink, open_link
 from splitwire.benchmarks.load_command import ServerProcess
 from splitwire.benchmarks.rd import spearman_x100
 from splitwire.codec.token_ids import TOKEN_IDS_CODEC
 
 log = logging.getLogger(__name__)
-
-
-CGROUP_PERIOD_US = 10_000  # a short period, so a capped device is slow evenly rather than in 75 ms stalls
 
 
 # -- the device ------------------------------------------------------------------------------------
@@ -74,24 +69,11 @@ class DeviceRun:
     split: int = 0
 
 
-_device: dict[str, object] = {}  # the device process's loaded model, set by _device_start
-
-
-def _device_start(model_name: str, cgroup: str | None) -> None:
-    """Device process initialiser: load the model at full speed, then enter the capped cgroup."""
-    from splitwire.split.models import load_model
-
-    torch.set_num_threads(1)
-    _device["model"] = load_model(model_name)
-    if cgroup:
-        Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
-
-
 def _device_run(plan: DevicePlan) -> DeviceRun:
     from splitwire.edge.agent import EdgeAgent, EdgeConfig
     from splitwire.split.cut import SplitModel
 
-    model = _device["model"]
+    model = device_model()
     run = DeviceRun([], [], [], [], [])
     if plan.server is None:
         split_model = SplitModel(model)  # type: ignore[arg-type]
@@ -131,57 +113,6 @@ def _device_run(plan: DevicePlan) -> DeviceRun:
         assert agent.codec is not None and agent.cut is not None
         run.codec, run.split = agent.codec.name, agent.cut.split
     return run
-
-
-class DeviceCgroup:
-    """A cgroup capping its members at ``cores`` of CPU (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``)."""
-
-    def __init__(self, cores: float) -> None:
-        self.cores = cores
-        self.path: Path | None = None
-        self.why_not = ""
-
-    def __enter__(self) -> DeviceCgroup:
-        name = f"splitwire-device-{os.getpid()}"
-        quota = max(1000, int(self.cores * CGROUP_PERIOD_US))
-        for root, files in (
-            (Path("/sys/fs/cgroup"), {"cpu.max": f"{quota} {CGROUP_PERIOD_US}"}),
-            (Path("/sys/fs/cgroup/cpu"), {"cpu.cfs_period_us": str(CGROUP_PERIOD_US), "cpu.cfs_quota_us": str(quota)}),
-        ):
-            if not (root / next(iter(files))).exists() and not (root / "cgroup.procs").exists():
-                continue
-            if "cpu.max" in files and not (root / "cgroup.controllers").exists():
-                continue  # v1 hierarchy mounted at the root: use the cpu controller's folder
-            path = root / name
-            try:
-                path.mkdir(exist_ok=True)
-                for file, value in files.items():
-                    (path / file).write_text(value)
-            except OSError as exc:
-                self.why_not = f"{path}: {exc.strerror or exc}"
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-                continue
-            self.path = path
-            return self
-        self.why_not = self.why_not or "no cgroup cpu controller found"
-        log.warning("cannot cap the device's CPU (%s): it runs uncapped", self.why_not)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.path is None:
-            return
-        parent = self.path.parent / "cgroup.procs"
-        for pid in (self.path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                parent.write_text(pid)
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
-
-    def describe(self) -> str:
-        if self.path is None:
-            return f"1 torch thread, uncapped ({self.why_not})"
-        return f"1 torch thread capped at {self.cores:g} of a core (cgroup {self.path})"
 
 
 # -- the comparison ------------------------------------------------------------------------------------
@@ -304,10 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     print(f"unsplit {model.name} on {len(pairs)} STS-B dev pairs: Spearman {unsplit:.2f}")
 
     links = []
-    with DeviceCgroup(args.device_cpu) as cgroup, ProcessPoolExecutor(
-        1, mp_context=get_context("spawn"), initializer=_device_start,
-        initargs=(args.model, str(cgroup.path) if cgroup.path else None),
-    ) as device:  # fmt: skip
+    with device_process(args.model, args.device_cpu) as (device, cgroup):
         local = device.submit(_device_run, DevicePlan(texts, args.model, warmup=args.warmup)).result()
         device_row = _row("device only (whole model)", local, pairs, texts, unsplit, None, None, None)
         for profile in profiles:

@@ -128,4 +128,4 @@ def test_compare_runs_every_configuration_through_a_started_server(tmp_path: Pat
         if name != "device only (whole model)":
             assert row["network_and_server_ms"]["p50"] >= 20.0  # the link's round trip, emulated either way
     assert (tmp_path / "compare.png").stat().st_size > 0
-    assert "link 100mbit/20ms" in done.stdout
+    assert "**100mbit/20ms**" in done.stdout and "| split 2 + fp16 |" in done.stdout
