@@ -213,9 +213,10 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     )
     load = sub.add_parser(
         "load",
-        help="closed-loop load on a server, its throughput against compute measured in the same run (efficiency)",
-        description=f"Throughput, latency and status codes under closed-loop load, beside the pure compute "
-        f"throughput measured in the same run; efficiency = their ratio. {threads}.",
+        help="load on a server (closed-loop concurrency or open-loop rate, one level or a sweep), its "
+        "throughput against compute measured in the same run (efficiency)",
+        description=f"Throughput, latency and status codes under load, measured in windows until stable, beside "
+        f"the pure compute throughput measured in the same run; efficiency = their ratio. {threads}.",
     )
     for parser in (compute, load):
         parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default: {DEFAULT_MODEL})")
@@ -233,11 +234,35 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     load.add_argument(
         "--server", default=None, metavar="HOST:PORT", help="a running server (default: start one on loopback)"
     )
-    load.add_argument("--concurrency", type=int, default=32, help="outstanding requests, closed loop (32)")
-    load.add_argument("--processes", type=int, default=1, help="client processes sharing the concurrency (1)")
+    load.add_argument(
+        "--concurrency", default="32", help="outstanding requests, closed loop; a comma-separated list sweeps (32)"
+    )
+    load.add_argument(
+        "--rate",
+        default=None,
+        help="open loop instead: Poisson arrivals per second, comma-separated levels; latency counts from each "
+        "request's scheduled time",
+    )
+    load.add_argument("--processes", type=int, default=1, help="client processes sharing the load (1)")
     load.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="the started server's (2.0)")
     load.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring (3)")
-    load.add_argument("--seconds", type=float, default=15.0, help="seconds of load measured (15)")
+    load.add_argument("--window-seconds", type=float, default=5.0, help="length of a measurement window (5)")
+    load.add_argument(
+        "--stable-windows", type=int, default=3, help="consecutive windows that must agree; they are reported (3)"
+    )
+    load.add_argument(
+        "--stability",
+        type=float,
+        default=0.1,
+        help="largest relative spread of throughput and p50 latency across those windows (0.1)",
+    )
+    load.add_argument(
+        "--max-windows", type=int, default=8, help="stop after this many windows, stable or not; all are reported (8)"
+    )
+    load.add_argument("--csv", type=Path, default=None, help="perf_analyzer-style CSV (default: next to --json)")
+    load.add_argument(
+        "--plot", type=Path, default=None, help="PNG of latency against throughput (default: next to --json)"
+    )
     load.add_argument("--compute-seconds", type=float, default=5.0, help="seconds of compute before and after (5)")
     load.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds (30)")
     connection = OptionSet("SPLITWIRE_BENCH", "bench", CLIENT_SECURITY_OPTIONS)

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     cut = engine.default_cut() if args.split is None else Cut(engine.model.num_blocks, args.split)
     codec = engine.catalog.get(args.codec or engine.default_codec_name(cut.split))
     texts = workload.sentences(args.data, args.sentences)
-    jobs = decode_jobs(codec, workload.encode(engine.model, cut, codec, texts))
+    jobs = decode_jobs(codec, workload.encode(engine.model, cut, codec, texts).payloads)
     result = measure(engine, cut, jobs, args.batch_size, args.seconds)
     summary = (
         f"{engine.model.name} blocks [{cut.split}, {engine.model.num_blocks}) + head, batch {result.batch_size}, "
