@@ -81,13 +81,18 @@ def cmd_report(args: argparse.Namespace, argv: list[str] | None) -> int:
 # -- compute and load (serving) ---------------------------------------------------------------
 
 
-def cmd_compute(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from splitwire.benchmarks import compute_command
-
-    payload = {**_run_info(argv), **compute_command.run(args)}
+def _run_local(args: argparse.Namespace, argv: list[str] | None, run) -> int:
+    """A benchmark that needs no connection options: its results beside the run info, to --json if given."""
+    payload = {**_run_info(argv), **run(args)}
     if args.json:
         _write_json(args.json, payload)
     return 0
+
+
+def cmd_compute(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from splitwire.benchmarks import compute_command
+
+    return _run_local(args, argv, compute_command.run)
 
 
 def _run_client(args: argparse.Namespace, argv: list[str] | None, run) -> int:
@@ -116,10 +121,7 @@ def cmd_decode_step(args: argparse.Namespace, argv: list[str] | None) -> int:
 def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     from splitwire.benchmarks import compare_command
 
-    payload = {**_run_info(argv), **compare_command.run(args)}
-    if args.json:
-        _write_json(args.json, payload)
-    return 0
+    return _run_local(args, argv, compare_command.run)
 
 
 def add_compare_command(sub: argparse._SubParsersAction) -> None:
@@ -159,10 +161,7 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
 def cmd_advise(args: argparse.Namespace, argv: list[str] | None) -> int:
     from splitwire.benchmarks import advise_command
 
-    payload = {**_run_info(argv), **advise_command.run(args)}
-    if args.json:
-        _write_json(args.json, payload)
-    return 0
+    return _run_local(args, argv, advise_command.run)
 
 
 def add_advise_command(sub: argparse._SubParsersAction) -> None:
