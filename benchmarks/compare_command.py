@@ -31,7 +31,7 @@ from splitwire.benchmarks import datasets
 from splitwire.benchmarks.device import device_model, device_process
 from splitwire.benchmarks.link import LinkProfile, NamespaceLink, SimulatedLink, open_link
 from splitwire.benchmarks.load_command import ServerProcess
-from splitwire.benchmarks.rd import spearman_x100
+from splitwire.benchmarks.rd import stsb_quality
 from splitwire.codec.token_ids import TOKEN_IDS_CODEC
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,15 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def _label(run: DeviceRun) -> str:
+    if not run.codec:
+        return "device only (whole model)"
+    if run.codec == TOKEN_IDS_CODEC:
+        return "cloud only (token ids)"
+    return f"split {run.split} + {run.codec}"
+
+
 def _row(
-    name: str,
     run: DeviceRun,
     pairs: list[datasets.SentencePair],
     texts: list[str],
@@ -146,13 +153,11 @@ def _row(
         ]
         total = [t + a for t, a in zip(total, added, strict=True)]
         network = [n + a for n, a in zip(network, added, strict=True)]
-    by_text = dict(zip(texts, run.embeddings, strict=True))
-    cosines = np.array([float(np.dot(by_text[p.first], by_text[p.second])) for p in pairs])
-    quality = spearman_x100(cosines, np.array([p.score for p in pairs]))
+    quality = stsb_quality({t: torch.from_numpy(e) for t, e in zip(texts, run.embeddings, strict=True)}, pairs)
     tokens = sum(run.tokens)
     payload = sum(run.payload_bytes)
     return {
-        "config": name,
+        "config": _label(run),
         "split": run.split,
         "codec": run.codec or None,
         "requests": len(run.total_ms),
@@ -179,9 +184,9 @@ def _through_link(
     profile: LinkProfile,
     args: argparse.Namespace,
     device: ProcessPoolExecutor,
-    configs: list[tuple[str, int | None, str | None]],
+    configs: list[tuple[int, str | None]],
     texts: list[str],
-) -> tuple[str, list[tuple[str, DeviceRun, dict[str, float] | None, float]]]:
+) -> tuple[str, list[tuple[DeviceRun, dict[str, float] | None, float]]]:
     """Every split configuration through a server behind ``profile``; the link's mode and the runs."""
     runs = []
     with open_link(profile, allow_namespaces=not args.simulate_link) as link:
@@ -191,22 +196,22 @@ def _through_link(
         ]  # fmt: skip
         with ServerProcess(server_arguments, launcher=link.wrap([])) as server:
             address = link.client_address(int(server.address.rsplit(":", 1)[1]))
-            for name, split, codec in configs:
+            requests = len(texts) + args.warmup
+            for split, codec in configs:
                 plan = DevicePlan(texts, args.model, address, split, codec, args.warmup)
                 counters = _interface_bytes(link.near_device) if isinstance(link, NamespaceLink) else None
                 cpu_before = server.cpu_seconds()
                 run = device.submit(_device_run, plan).result()
-                server_cpu_ms = 1000 * (server.cpu_seconds() - cpu_before) / (len(texts) + args.warmup)
+                server_cpu_ms = 1000 * (server.cpu_seconds() - cpu_before) / requests
                 wire = None
                 if counters is not None:
                     after = _interface_bytes(link.near_device)
-                    requests = len(texts) + args.warmup
                     wire = {
                         "up": round((after[0] - counters[0]) / requests, 1),
                         "down": round((after[1] - counters[1]) / requests, 1),
                     }
-                log.info("%s over %s: p50 %.1f ms", name, profile.name, float(np.median(run.total_ms)))
-                runs.append((name, run, wire, server_cpu_ms))
+                log.info("%s over %s: p50 %.1f ms", _label(run), profile.name, float(np.median(run.total_ms)))
+                runs.append((run, wire, server_cpu_ms))
         return link.mode, runs
 
 
@@ -222,27 +227,23 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     with torch.inference_mode():
         for text in texts:
             input_ids, token_mask = model.tokenize([text])
-            unsplit_embeddings[text] = split_model.run_unsplit(input_ids, token_mask)[0].numpy()
-    unsplit = spearman_x100(
-        np.array([float(np.dot(unsplit_embeddings[p.first], unsplit_embeddings[p.second])) for p in pairs]),
-        np.array([p.score for p in pairs]),
-    )
+            unsplit_embeddings[text] = split_model.run_unsplit(input_ids, token_mask)[0]
+    unsplit = stsb_quality(unsplit_embeddings, pairs)
     split = model.spec.default_split if args.split is None else args.split
-    codecs = args.codecs.split(",") if args.codecs else ["fp16", "int8-zstd", _default_codec(model, split)]
-    configs: list[tuple[str, int | None, str | None]] = [(f"split {split} + {c}", split, c) for c in codecs]
-    configs.append(("cloud only (token ids)", 0, TOKEN_IDS_CODEC))
+    # None: the server's default codec for the split, as an edge naming none would get it
+    codecs = args.codecs.split(",") if args.codecs else ["fp16", "int8-zstd", None]
+    configs: list[tuple[int, str | None]] = [(split, codec) for codec in codecs]
+    configs.append((0, TOKEN_IDS_CODEC))
     profiles = [LinkProfile.parse(text) for text in args.links.split(",")]
     print(f"unsplit {model.name} on {len(pairs)} STS-B dev pairs: Spearman {unsplit:.2f}")
 
     links = []
     with device_process(args.model, args.device_cpu) as (device, cgroup):
         local = device.submit(_device_run, DevicePlan(texts, args.model, warmup=args.warmup)).result()
-        device_row = _row("device only (whole model)", local, pairs, texts, unsplit, None, None, None)
+        device_row = _row(local, pairs, texts, unsplit, None, None, None)
         for profile in profiles:
             mode, runs = _through_link(profile, args, device, configs, texts)
-            rows = [
-                _row(name, r, pairs, texts, unsplit, _link_for(mode, profile), wire, cpu) for name, r, wire, cpu in runs
-            ]
+            rows = [_row(r, pairs, texts, unsplit, _link_for(mode, profile), wire, cpu) for r, wire, cpu in runs]
             rows.append(device_row)
             links.append({"link": profile.name, "mode": mode, "rows": rows})
             _print_table(profile.name, mode, rows)
@@ -262,14 +263,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         _plot(result, args.plot)
         result["plot"] = str(args.plot)
     return result
-
-
-def _default_codec(model, split: int) -> str:
-    from splitwire.codec.catalog import CodecCatalog
-
-    catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size)
-    name = catalog.default
-    return name if catalog.get(name).valid_at(split) else "fp16"
 
 
 def _link_for(mode: str, profile: LinkProfile) -> SimulatedLink | None:

@@ -35,28 +35,22 @@ class DeviceCgroup:
     def __enter__(self) -> DeviceCgroup:
         name = f"splitwire-device-{os.getpid()}"
         quota = max(1000, int(self.cores * CGROUP_PERIOD_US))
-        for root, files in (
-            (Path("/sys/fs/cgroup"), {"cpu.max": f"{quota} {CGROUP_PERIOD_US}"}),
-            (Path("/sys/fs/cgroup/cpu"), {"cpu.cfs_period_us": str(CGROUP_PERIOD_US), "cpu.cfs_quota_us": str(quota)}),
-        ):
-            if not (root / next(iter(files))).exists() and not (root / "cgroup.procs").exists():
-                continue
-            if "cpu.max" in files and not (root / "cgroup.controllers").exists():
-                continue  # v1 hierarchy mounted at the root: use the cpu controller's folder
-            path = root / name
-            try:
-                path.mkdir(exist_ok=True)
-                for file, value in files.items():
-                    (path / file).write_text(value)
-            except OSError as exc:
-                self.why_not = f"{path}: {exc.strerror or exc}"
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-                continue
-            self.path = path
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2: one unified hierarchy
+            path, files = Path("/sys/fs/cgroup", name), {"cpu.max": f"{quota} {CGROUP_PERIOD_US}"}
+        else:  # cgroup v1: the cpu controller's own hierarchy
+            path = Path("/sys/fs/cgroup/cpu", name)
+            files = {"cpu.cfs_period_us": str(CGROUP_PERIOD_US), "cpu.cfs_quota_us": str(quota)}
+        try:
+            path.mkdir(exist_ok=True)
+            for file, value in files.items():
+                (path / file).write_text(value)
+        except OSError as exc:
+            self.why_not = f"{path}: {exc.strerror or exc}"
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            log.warning("cannot cap the device's CPU (%s): it runs uncapped", self.why_not)
             return self
-        self.why_not = self.why_not or "no cgroup cpu controller found"
-        log.warning("cannot cap the device's CPU (%s): it runs uncapped", self.why_not)
+        self.path = path
         return self
 
     def __exit__(self, *exc: object) -> None:
