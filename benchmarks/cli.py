@@ -124,6 +124,13 @@ def cmd_compare(args: argparse.Namespace, argv: list[str] | None) -> int:
     return _run_local(args, argv, compare_command.run)
 
 
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    """What the benchmarks with an emulated device (benchmarks/device.py) share."""
+    parser.add_argument("--device-cpu", type=float, default=0.25, help="the device's CPU cap, in cores")
+    parser.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+
+
 def add_compare_command(sub: argparse._SubParsersAction) -> None:
     from splitwire.split.models import DEFAULT_MODEL
 
@@ -148,13 +155,11 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("--pairs", type=int, default=50, help="STS-B dev pairs; each sentence is one request")
     compare.add_argument("--warmup", type=int, default=5, help="requests before measuring, per configuration")
-    compare.add_argument("--device-cpu", type=float, default=0.25, help="the device's CPU cap, in cores")
     compare.add_argument(
         "--simulate-link", action="store_true", help="never use namespaces: add bytes / bandwidth + round trip"
     )
-    compare.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
-    compare.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
     compare.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the latency bars here")
+    _add_device_options(compare)
     compare.set_defaults(handler=cmd_compare)
 
 
@@ -191,10 +196,8 @@ def add_advise_command(sub: argparse._SubParsersAction) -> None:
     advise.add_argument(
         "--cloud-tolerance", type=float, default=0.1, help="cloud times this close to the least count as equal"
     )
-    advise.add_argument("--device-cpu", type=float, default=0.25, help="the device's CPU cap, in cores")
     advise.add_argument("--sentences", type=int, default=20, help="STS-B dev sentences timed")
-    advise.add_argument("--data", type=Path, default=None, help="STS-B csv (default: the bundled dev split)")
-    advise.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+    _add_device_options(advise)
     advise.set_defaults(handler=cmd_advise)
 
 
