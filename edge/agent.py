@@ -40,11 +40,14 @@ from splitwire.split.sampling import SamplingParams
 from splitwire.split.security import ClientSecurity, CredentialsError
 from splitwire.split.transport import (
     CODEC_FINGERPRINT_KEY,
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PORT,
+    DEFAULT_RECONNECT_BACKOFF_MAX_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
     MODEL_FINGERPRINT_KEY,
-    channel_options,
+    balanced_channel_options,
+    cloud_target,
 )
 from splitwire.v1 import splitwire_pb2 as pb
 from splitwire.v1 import splitwire_pb2_grpc as pb_grpc
@@ -53,17 +56,26 @@ log = logging.getLogger(__name__)
 
 
 class EdgeError(RuntimeError):
-    """Something the user of the edge agent must fix or know: the message says what."""
+    """Something the user of the edge agent must fix or know: the message says what.
+
+    ``grpc_code`` names the server's gRPC status (``"UNAVAILABLE"``...) when the cloud refused a call.
+    """
+
+    def __init__(self, message: str, grpc_code: str | None = None) -> None:
+        super().__init__(message)
+        self.grpc_code = grpc_code
 
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    server: str = f"127.0.0.1:{DEFAULT_PORT}"
+    server: str = f"127.0.0.1:{DEFAULT_PORT}"  # HOST:PORT, a comma-separated list of replicas, or dns:///NAME:PORT
     model: str = DEFAULT_MODEL
     split: int | None = None  # None: the server's default split
     codec: str | None = None  # None: the server's default codec for the split
     timeout_s: float = DEFAULT_TIMEOUT_SECONDS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # per idempotent call, over the replicas, on UNAVAILABLE
+    reconnect_backoff_max_s: float = DEFAULT_RECONNECT_BACKOFF_MAX_SECONDS
     security: ClientSecurity = field(default_factory=ClientSecurity)  # plaintext, no token
 
 
@@ -204,7 +216,11 @@ def codec_input(
 
 
 class EdgeAgent:
-    """Front half + codec + gRPC client. ``load()``, ``connect()``, then ``infer()`` as often as needed."""
+    """Front half + codec + gRPC client. ``load()``, ``connect()``, then ``infer()`` as often as needed.
+
+    ``infer`` and ``generate`` may be called from several threads at once: the device's own work
+    (tokenizing, the front half, encoding) runs one call at a time, the round trips overlap.
+    """
 
     def __init__(self, config: EdgeConfig, model: LoadedModel | None = None) -> None:
         """``model``: an already loaded model to share (it must be ``config.model``); loaded on demand otherwise."""
@@ -219,6 +235,9 @@ class EdgeAgent:
         self.server_info: pb.ServerInfo | None = None
         self._auth: tuple[tuple[str, str], ...] = ()
         self._metadata: tuple[tuple[str, str], ...] = ()  # auth + fingerprints, settled once by connect()
+        # Hugging Face's fast tokenizers refuse concurrent use, and the device's cores are better spent on one
+        # front half at a time than on several interleaved.
+        self._device_lock = threading.Lock()
         if model is not None:
             self._use(model)
 
@@ -244,8 +263,11 @@ class EdgeAgent:
         security = self.config.security
         try:
             self._auth = security.metadata()
-            self._channel = security.open_channel(self.config.server, channel_options(self.config.max_message_bytes))
-        except CredentialsError as exc:
+            options = balanced_channel_options(
+                self.config.max_message_bytes, self.config.max_attempts, self.config.reconnect_backoff_max_s
+            )
+            self._channel = security.open_channel(cloud_target(self.config.server), options)
+        except (CredentialsError, ValueError) as exc:
             raise EdgeError(str(exc)) from None
         self._stub = pb_grpc.SplitInferenceStub(self._channel)
         try:
@@ -253,7 +275,10 @@ class EdgeAgent:
                 pb.ServerInfoRequest(), timeout=self.config.timeout_s, wait_for_ready=True, metadata=self._auth
             )
         except grpc.RpcError as exc:
-            raise EdgeError(f"cannot reach splitwire-cloud at {self.config.server}: {self._explain(exc)}") from None
+            self.close()
+            raise EdgeError(
+                f"cannot reach splitwire-cloud at {self.config.server}: {self._explain(exc)}", exc.code().name
+            ) from None
         self.server_info = info
         served = {m.name: m for m in info.models}
         remote = served.get(self.model.name)
@@ -293,6 +318,11 @@ class EdgeAgent:
         )
         log.info("connected to %s: %s split %d codec %s", self.config.server, self.model.name, split, codec_name)
 
+    def subscribe_connectivity(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        """Call ``callback`` with the channel's state now and at every change (READY while any replica is)."""
+        assert self._channel is not None, "connect() first"
+        self._channel.subscribe(callback, try_to_connect=False)
+
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
@@ -302,13 +332,14 @@ class EdgeAgent:
         """Tokenize, run the front half and encode: the request, the input's token count, stage times (ms)."""
         assert self.model and self._split_model and self.cut and self.codec
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        input_ids, token_mask = self.model.tokenize([text])
-        t1 = time.perf_counter()
-        hidden = codec_input(self._split_model, self.cut, self.codec, input_ids, token_mask)[0]
-        t2 = time.perf_counter()
-        payload = self.codec.encode_sequence(hidden)
-        t3 = time.perf_counter()
+        with self._device_lock:
+            t0 = time.perf_counter()
+            input_ids, token_mask = self.model.tokenize([text])
+            t1 = time.perf_counter()
+            hidden = codec_input(self._split_model, self.cut, self.codec, input_ids, token_mask)[0]
+            t2 = time.perf_counter()
+            payload = self.codec.encode_sequence(hidden)
+            t3 = time.perf_counter()
         timings.update(tokenize=1000 * (t1 - t0), front=1000 * (t2 - t1), encode=1000 * (t3 - t2))
         request = pb.InferRequest(
             model=self.model.name, split=self.cut.to_wire(), codec=self.codec.name, payload=payload
@@ -328,7 +359,7 @@ class EdgeAgent:
             response = self._stub.Infer(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             metrics.REQUESTS.labels(exc.code().name).inc()
-            raise EdgeError(f"server refused the request: {self._explain(exc)}") from None
+            raise EdgeError(f"server refused the request: {self._explain(exc)}", exc.code().name) from None
         done = time.perf_counter()
         metrics.REQUESTS.labels("OK").inc()
         timings["round_trip"] = 1000 * (done - sent)
@@ -353,7 +384,8 @@ class EdgeAgent:
             result.embedding = np.asarray(response.embedding.values, dtype=np.float32)
         elif response.HasField("next_token"):
             result.next_token_id = response.next_token.id
-            result.next_token = self.model.tokenizer.decode([response.next_token.id])
+            with self._device_lock:
+                result.next_token = self.model.tokenizer.decode([response.next_token.id])
         self._observe(result)
         return result
 
@@ -411,7 +443,8 @@ class EdgeAgent:
         if params.max_new_tokens < 1:
             raise EdgeError("max_new_tokens must be at least 1")
         started = time.perf_counter()
-        ids = self.prompt_ids(prompt, chat)
+        with self._device_lock:
+            ids = self.prompt_ids(prompt, chat)
         tokenized = time.perf_counter()
         cache = self._split_model.new_cache(self.cut.front)
         tokenizer = self.model.tokenizer
@@ -425,15 +458,16 @@ class EdgeAgent:
 
         def request_for(new_ids: list[int]) -> pb.InferRequest:
             nonlocal front_s, encode_s, payload_bytes, message_bytes, tokens_sent
-            t0 = time.perf_counter()
-            step_ids = torch.tensor([new_ids], dtype=torch.long)
-            if self.codec.codes_token_ids:  # nothing runs on the edge: the ids go as they are
-                hidden = step_ids[0, :, None].float()
-            else:
-                with torch.inference_mode():
-                    hidden = self._split_model.front_step(cache, step_ids)[0]
-            t1 = time.perf_counter()
-            payload = self.codec.encode_payload(hidden)  # every token: the server's cache needs each position
+            with self._device_lock:
+                t0 = time.perf_counter()
+                step_ids = torch.tensor([new_ids], dtype=torch.long)
+                if self.codec.codes_token_ids:  # nothing runs on the edge: the ids go as they are
+                    hidden = step_ids[0, :, None].float()
+                else:
+                    with torch.inference_mode():
+                        hidden = self._split_model.front_step(cache, step_ids)[0]
+                t1 = time.perf_counter()
+                payload = self.codec.encode_payload(hidden)  # every token: the server's cache needs each position
             front_s, encode_s = front_s + t1 - t0, encode_s + time.perf_counter() - t1
             request = pb.InferRequest(payload=payload)
             payload_bytes += len(payload)
@@ -467,7 +501,8 @@ class EdgeAgent:
                 token = response.next_token.id
                 tokens.append(token)
                 logprobs.append(response.next_token.logprob)
-                decoded = tokenizer.decode(tokens, skip_special_tokens=True)
+                with self._device_lock:
+                    decoded = tokenizer.decode(tokens, skip_special_tokens=True)
                 if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     added, text = decoded[len(text) :], decoded
                     if on_token is not None:
@@ -487,14 +522,15 @@ class EdgeAgent:
                 raise EdgeError(
                     f"no token from the server within {self.config.timeout_s:g} s (--timeout); generation stopped"
                 ) from None
-            raise EdgeError(f"server refused the generation: {self._explain(exc)}") from None
+            raise EdgeError(f"server refused the generation: {self._explain(exc)}", exc.code().name) from None
         finally:
             watchdog.stop()
             outbox.put(None)
             call.cancel()  # no-op once the call has ended
         metrics.REQUESTS.labels("OK").inc()
         done = time.perf_counter()
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        with self._device_lock:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
         inter_token = [1000 * (b - a) for a, b in itertools.pairwise(arrivals)]
         labels = (self.model.name, self.codec.name)
         metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(arrivals[0] - started)

@@ -1,4 +1,4 @@
-"""``splitwire-edge``: run texts through the split, or generate with a decoder, from the command line.
+"""``splitwire-edge``: run texts through the split, generate with a decoder, or serve local applications.
 
 Connection options can be given as flags, as environment variables ``SPLITWIRE_EDGE_<OPTION>`` or in
 a TOML file (``--config``, keys at the top level or under ``[edge]``), in that order of precedence.
@@ -9,15 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError, EdgeResult, GenerationResult
+from splitwire.edge.service import EdgeService, ServiceConfig
 from splitwire.split.models import MODELS
 from splitwire.split.sampling import SamplingParams
 from splitwire.split.security import CLIENT_SECURITY_OPTIONS, client_security
 from splitwire.split.settings import Option, OptionSet
+from splitwire.split.transport import DEFAULT_EDGE_METRICS_PORT
 
 _DEFAULT = EdgeConfig()
 
@@ -25,7 +29,15 @@ CONNECTION_OPTIONS = OptionSet(
     env_prefix="SPLITWIRE_EDGE",
     table="edge",
     options=(
-        Option("--server", str, _DEFAULT.server, "splitwire-cloud address", "HOST:PORT"),
+        Option(
+            "--server",
+            str,
+            _DEFAULT.server,
+            "splitwire-cloud address: HOST:PORT, a comma-separated list of replicas, or dns:///NAME:PORT "
+            "(every address of the name, e.g. a Kubernetes headless Service); calls go round robin over the "
+            "replicas and are retried on another one when a replica is UNAVAILABLE",
+            "ADDRESS[,ADDRESS...]",
+        ),
         Option(
             "--model", str, _DEFAULT.model, f"model name ({', '.join(MODELS)}) or a Hugging Face folder", "NAME|PATH"
         ),
@@ -39,8 +51,47 @@ CONNECTION_OPTIONS = OptionSet(
             "largest request or answer this agent sends or accepts",
             "BYTES",
         ),
+        Option(
+            "--max-attempts",
+            int,
+            _DEFAULT.max_attempts,
+            "attempts per inference call (1 to 5) when a replica answers UNAVAILABLE; generation streams are "
+            "never retried",
+            "N",
+        ),
+        Option(
+            "--reconnect-backoff-max",
+            float,
+            _DEFAULT.reconnect_backoff_max_s,
+            "longest wait between attempts to reconnect to a replica that is down, in seconds",
+            "SECONDS",
+        ),
         *CLIENT_SECURITY_OPTIONS,
         Option("--log-level", str, "WARNING", "logging level (DEBUG, INFO, WARNING, ERROR)", "LEVEL"),
+    ),
+)
+
+_SERVICE_DEFAULT = ServiceConfig(edge=_DEFAULT)
+
+SERVE_OPTIONS = OptionSet(
+    env_prefix="SPLITWIRE_EDGE",
+    table="edge",
+    options=(
+        *CONNECTION_OPTIONS.options,
+        Option(
+            "--host", str, _SERVICE_DEFAULT.host, "address of the local HTTP API (keep loopback unless needed)", "HOST"
+        ),
+        Option("--port", int, _SERVICE_DEFAULT.port, "port of the local HTTP API (0 picks a free one)", "PORT"),
+        Option("--metrics-host", str, _SERVICE_DEFAULT.metrics_host, "address of /metrics", "HOST"),
+        Option("--metrics-port", int, DEFAULT_EDGE_METRICS_PORT, "Prometheus /metrics port; -1 disables it", "PORT"),
+        Option(
+            "--connect-backoff-max",
+            float,
+            _SERVICE_DEFAULT.connect_backoff_max_s,
+            "longest wait between attempts to reach the cloud at start, in seconds (doubling from 0.5, jittered)",
+            "SECONDS",
+        ),
+        Option("--max-texts", int, _SERVICE_DEFAULT.max_texts, "most texts per /v1/infer call", "N"),
     ),
 )
 
@@ -59,7 +110,22 @@ def config_from_values(values: dict[str, object]) -> EdgeConfig:
         codec=values["codec"],
         timeout_s=values["timeout"],
         max_message_bytes=values["max_message_bytes"],
+        max_attempts=values["max_attempts"],
+        reconnect_backoff_max_s=values["reconnect_backoff_max"],
         security=client_security(values),
+    )
+
+
+def service_config_from_values(values: dict[str, object]) -> ServiceConfig:
+    metrics_port = values["metrics_port"]
+    return ServiceConfig(
+        edge=config_from_values(values),
+        host=values["host"],
+        port=values["port"],
+        metrics_host=values["metrics_host"],
+        metrics_port=None if metrics_port is None or metrics_port < 0 else metrics_port,
+        connect_backoff_max_s=values["connect_backoff_max"],
+        max_texts=values["max_texts"],
     )
 
 
@@ -96,7 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default: 0)")
     gen.add_argument("prompt", metavar="PROMPT", help="the text to continue (with --chat: the user's message)")
+    serve = sub.add_parser(
+        "serve",
+        help="run as a service: a local HTTP/JSON API for this device's applications, forwarding to the cloud",
+        description='Loads the model once and answers POST /v1/infer {"texts": [...]} and POST /v1/generate '
+        '{"prompt": ...} on a loopback HTTP port, GET /healthz (200 once connected to the cloud), and '
+        "Prometheus metrics on their own port. Connects to the cloud in the background with exponential "
+        "backoff; spreads calls over every replica in --server and retries them on another on UNAVAILABLE. "
+        "Runs until SIGTERM or SIGINT.",
+    )
+    SERVE_OPTIONS.add_to(serve)
     return parser
+
+
+def _serve(values: dict[str, object]) -> int:
+    service = EdgeService(service_config_from_values(values))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    metrics_at = f", metrics on port {service.metrics_port}" if service.metrics_port is not None else ""
+    print(
+        f"splitwire-edge serving on http://{service.config.host}:{service.port}{metrics_at}, "
+        f"cloud {service.config.edge.server}",
+        flush=True,
+    )
+    stop.wait()
+    service.stop()
+    return 0
 
 
 def _payload_path(base: Path, index: int, count: int) -> Path:
@@ -173,13 +266,15 @@ def _generation_summary(result: GenerationResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        values = CONNECTION_OPTIONS.resolve(args)
+        values = (SERVE_OPTIONS if args.command == "serve" else CONNECTION_OPTIONS).resolve(args)
         config = config_from_values(values)
         logging.basicConfig(level=str(values["log_level"]).upper(), format="%(levelname)s %(name)s: %(message)s")
     except ValueError as exc:
         print(f"splitwire-edge: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.command == "serve":
+            return _serve(values)
         with EdgeAgent(config) as agent:
             agent.connect()
             if args.command == "run":

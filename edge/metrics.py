@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -42,4 +42,20 @@ INTER_TOKEN_LATENCY = Histogram(
     "Generation: between consecutive tokens received (front step, encode and round trip).",
     ["model", "codec"],
     buckets=_LATENCY_BUCKETS,
+)
+
+# splitwire-edge serve
+API_REQUESTS = Counter(
+    "splitwire_edge_api_requests_total",
+    "Calls to the agent's local HTTP API, by route and HTTP status.",
+    ["route", "status"],
+)
+CONNECT_ATTEMPTS = Counter(
+    "splitwire_edge_connect_attempts_total",
+    "Attempts to settle the connection with the cloud at start (retried with backoff), by result.",
+    ["result"],
+)
+CLOUD_READY = Gauge(
+    "splitwire_edge_cloud_ready",
+    "1 while the channel to the cloud is READY (at least one replica connected), 0 otherwise.",
 )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from splitwire.v1 import splitwire_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
+BIN = Path(sys.executable).parent
 
 # Two cores on CI: keep torch from oversubscribing them when pytest runs servers in threads.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -56,6 +60,24 @@ class ServerThread:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+
+def start_cloud_process(*args: str) -> tuple[subprocess.Popen, str]:
+    """``splitwire-cloud serve`` on a free loopback port as its own process, once it says it is serving:
+    the process and its ``HOST:PORT``. Extra ``args`` go to serve; the caller kills the process."""
+    process = subprocess.Popen(
+        [BIN / "splitwire-cloud", "serve", "--port", "0", "--metrics-port", "0", "--threads", "1", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    match = re.search(r"serving on ([\d.]+:\d+), metrics on port (\d+)", line)
+    if not match:
+        process.kill()
+        raise AssertionError(f"server did not start: {line}{process.stderr.read()}")
+    process.metrics_port = int(match.group(2))  # type: ignore[attr-defined]
+    return process, match.group(1)
 
 
 def tiny_bert_request(tokens: int = 5, seed: int = 0) -> pb.InferRequest:

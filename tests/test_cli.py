@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import BIN, start_cloud_process
 from splitwire.codec.container import parse
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[tuple[subprocess.Popen, str]]:
-    process = subprocess.Popen(
-        [BIN / "splitwire-cloud", "serve", "--port", "0", "--metrics-port", "0", "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()
-    match = re.search(r"serving on ([\d.]+:\d+)", line)
-    assert match, f"server did not start: {line}{process.stderr.read() if process.poll() is not None else ''}"
-    yield process, match.group(1)
+    process, address = start_cloud_process()
+    yield process, address
     if process.poll() is None:
         process.kill()
         process.wait()
