@@ -136,6 +136,9 @@ class InferenceEngine:
         self._cuts[None] = cut
         self._ready = True
         metrics.MODEL_READY.labels(model.name).set(1)
+        for codec in catalog:
+            if codec.expected_bits_per_token:
+                metrics.CODEC_EXPECTED_BITS_PER_TOKEN.labels(model.name, codec.name).set(codec.expected_bits_per_token)
         log.info(
             "model %s ready: %d blocks, default split %d, back half in a %s",
             model.name,

@@ -93,3 +93,9 @@ MODEL_READY = Gauge(
     "1 when the model is loaded and warm, 0 otherwise.",
     ["model"],
 )
+CODEC_EXPECTED_BITS_PER_TOKEN = Gauge(
+    "splitwire_cloud_codec_expected_bits_per_token",
+    "Bits per token a codec spends on its dev set (from its manifest), for codecs that state one: the "
+    "reference a drift alert compares splitwire_cloud_bits_per_token against.",
+    ["model", "codec"],
+)
