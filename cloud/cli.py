@@ -13,10 +13,14 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitwire.cloud.config import ComputeMode, ServerConfig, default_torch_threads
 from splitwire.cloud.server import CloudServer
 from splitwire.split.models import MODELS
+from splitwire.split.security import CLIENT_SECURITY_OPTIONS, CredentialsError, client_security
 from splitwire.split.settings import Option, OptionSet
+from splitwire.split.transport import SERVICE_NAME, channel_options
 
 log = logging.getLogger("splitwire.cloud")
 
@@ -135,6 +139,18 @@ SERVE_OPTIONS = OptionSet(
 )
 
 
+HEALTH_OPTIONS = OptionSet(
+    env_prefix="SPLITWIRE_CLOUD_HEALTH",
+    table="health",
+    options=(
+        Option("--server", str, f"127.0.0.1:{_DEFAULT.port}", "server to ask", "HOST:PORT"),
+        Option("--service", str, SERVICE_NAME, "service name to ask about ('' for the whole server)", "NAME"),
+        Option("--timeout", float, 3.0, "seconds to wait for the answer", "SECONDS"),
+        *CLIENT_SECURITY_OPTIONS,
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitwire-cloud",
@@ -149,7 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
         "precedence: flag > environment > file > default.",
     )
     SERVE_OPTIONS.add_to(serve)
+    health = sub.add_parser(
+        "health",
+        help="ask a server's grpc.health.v1 service whether it serves; exit 0 if SERVING (container health checks)",
+        description="Exit status 0 when the server answers SERVING, 1 when it answers otherwise (loading, "
+        "draining) or cannot be reached within --timeout. Prints the status.",
+    )
+    HEALTH_OPTIONS.add_to(health)
     return parser
+
+
+def check_health(values: dict[str, object]) -> int:
+    """One grpc.health.v1 Check against ``values["server"]``: 0 when SERVING, 1 otherwise."""
+    security = client_security(values)
+    try:
+        channel = security.open_channel(values["server"], channel_options())
+    except CredentialsError as exc:
+        print(f"splitwire-cloud health: {exc}", file=sys.stderr)
+        return 2
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=values["service"]), timeout=values["timeout"]
+            )
+        except grpc.RpcError as exc:
+            print(f"{values['server']}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{values['server']}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def config_from_values(values: dict[str, object]) -> ServerConfig:
@@ -199,6 +243,12 @@ async def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":
+        try:
+            return check_health(HEALTH_OPTIONS.resolve(args))
+        except ValueError as exc:
+            print(f"splitwire-cloud: {exc}", file=sys.stderr)
+            return 2
     try:
         values = SERVE_OPTIONS.resolve(args)
         config = config_from_values(values)

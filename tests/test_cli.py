@@ -84,6 +84,15 @@ def test_edge_reports_an_unreachable_server(cloud) -> None:
     assert "cannot reach splitwire-cloud at 127.0.0.1:1" in done.stderr
 
 
+def test_health_command_exits_0_for_a_serving_server_and_1_for_an_unreachable_one(cloud) -> None:
+    _, address = cloud
+    health = [BIN / "splitwire-cloud", "health", "--timeout", "5"]
+    done = subprocess.run([*health, "--server", address], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
+    done = subprocess.run([*health, "--server", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
+
+
 def test_sigterm_stops_the_server_cleanly(cloud) -> None:
     process, _ = cloud
     process.send_signal(signal.SIGTERM)
