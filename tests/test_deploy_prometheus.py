@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from splitwire.edge.agent import EdgeAgent, EdgeConfig
+from test_deploy_grafana import dashboard_queries
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
@@ -164,3 +165,15 @@ def test_prometheus_loads_the_alert_rules_and_evaluates_them_without_error(prome
     assert {group["name"] for group in groups} == {"splitwire-cloud", "splitwire-edge"}
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     assert len(rules) == 9
+
+
+def test_every_dashboard_query_runs_on_the_real_prometheus(prometheus) -> None:
+    queries = dashboard_queries()
+    assert len(queries) > 20
+    answered = 0
+    for label, expr in queries:
+        answer = prometheus.api("query", query=expr)
+        assert answer["status"] == "success", (label, expr, answer)
+        answered += bool(answer["data"]["result"])
+    # Bits per token, latency by stage, throughput and the rest have data from the scraped server.
+    assert answered >= len(queries) // 3, answered
