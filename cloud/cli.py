@@ -13,14 +13,11 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitwire.cloud.config import ComputeMode, ServerConfig, default_torch_threads
+from splitwire.cloud.probe import HEALTH_OPTIONS, check_health
 from splitwire.cloud.server import CloudServer
 from splitwire.split.models import MODELS
-from splitwire.split.security import CLIENT_SECURITY_OPTIONS, CredentialsError, client_security
 from splitwire.split.settings import Option, OptionSet
-from splitwire.split.transport import SERVICE_NAME, channel_options
 
 log = logging.getLogger("splitwire.cloud")
 
@@ -33,6 +30,14 @@ SERVE_OPTIONS = OptionSet(
         Option("--host", str, _DEFAULT.host, "address to listen on (0.0.0.0 for every interface)", "HOST"),
         Option("--port", int, _DEFAULT.port, "gRPC port (0 picks a free one)", "PORT"),
         Option("--metrics-port", int, _DEFAULT.metrics_port, "Prometheus /metrics port; -1 disables it", "PORT"),
+        Option(
+            "--health-port",
+            int,
+            None,
+            "an extra plaintext port serving only grpc.health.v1, for probes that cannot speak TLS (Kubernetes' "
+            "native gRPC probes); none: health is on the gRPC port only",
+            "PORT",
+        ),
         Option(
             "--model",
             str,
@@ -139,18 +144,6 @@ SERVE_OPTIONS = OptionSet(
 )
 
 
-HEALTH_OPTIONS = OptionSet(
-    env_prefix="SPLITWIRE_CLOUD_HEALTH",
-    table="health",
-    options=(
-        Option("--server", str, f"127.0.0.1:{_DEFAULT.port}", "server to ask", "HOST:PORT"),
-        Option("--service", str, SERVICE_NAME, "service name to ask about ('' for the whole server)", "NAME"),
-        Option("--timeout", float, 3.0, "seconds to wait for the answer", "SECONDS"),
-        *CLIENT_SECURITY_OPTIONS,
-    ),
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitwire-cloud",
@@ -175,27 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_health(values: dict[str, object]) -> int:
-    """One grpc.health.v1 Check against ``values["server"]``: 0 when SERVING, 1 otherwise."""
-    security = client_security(values)
-    try:
-        channel = security.open_channel(values["server"], channel_options())
-    except CredentialsError as exc:
-        print(f"splitwire-cloud health: {exc}", file=sys.stderr)
-        return 2
-    with channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=values["service"]), timeout=values["timeout"]
-            )
-        except grpc.RpcError as exc:
-            print(f"{values['server']}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
-    print(f"{values['server']}: {status}")
-    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
 def config_from_values(values: dict[str, object]) -> ServerConfig:
     """The typed configuration from resolved option values. Raises ValueError on inconsistent ones."""
     metrics_port = values["metrics_port"]
@@ -203,6 +175,7 @@ def config_from_values(values: dict[str, object]) -> ServerConfig:
         host=values["host"],
         port=values["port"],
         metrics_port=None if metrics_port is None or metrics_port < 0 else metrics_port,
+        health_port=values["health_port"],
         model=values["model"],
         split=values["split"],
         codec=values["codec"],
@@ -232,8 +205,9 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    health = f", health on port {server.health_port}" if server.health_port is not None else ""
     print(
-        f"splitwire-cloud serving on {config.host}:{server.port}, metrics on port {server.metrics_port}",
+        f"splitwire-cloud serving on {config.host}:{server.port}, metrics on port {server.metrics_port}{health}",
         flush=True,
     )
     await stop.wait()

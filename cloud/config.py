@@ -27,6 +27,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 picks a free port
     metrics_port: int | None = DEFAULT_METRICS_PORT  # 0 picks a free port, None disables /metrics
+    health_port: int | None = None  # a plaintext port with grpc.health.v1 only (for probes); 0 picks one
     model: str = DEFAULT_MODEL
     split: int | None = None  # default split for requests that name none; None: the model's own
     codec: str | None = None  # default codec for requests that name none; None: the catalog's

@@ -43,8 +43,10 @@ class CloudServer:
         self.engine = InferenceEngine(config)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._metrics_httpd = None
         self.port: int | None = None
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
@@ -79,6 +81,8 @@ class CloudServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if config.health_port is not None:
+            await self._start_health_server(f"{config.host}:{config.health_port}")
         await server.start()
         self._server = server
         log.info(
@@ -93,6 +97,20 @@ class CloudServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", self.engine.model.name if self.engine.model else "?")
 
+    async def _start_health_server(self, address: str) -> None:
+        """A plaintext port answering grpc.health.v1 only, from the same health state as the main port.
+
+        Kubernetes' native gRPC probes (and many load balancers' checks) cannot speak TLS; this port
+        lets them probe a TLS-only server without exposing anything but the serving status.
+        """
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.health_port = server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on {address} (--health-port)")
+        await server.start()
+        self._health_server = server
+
     async def drain(self) -> None:
         """Report NOT_SERVING and refuse new inference work (UNAVAILABLE); in-flight requests go on."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -104,6 +122,8 @@ class CloudServer:
         await self.drain()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:  # last, so probes see NOT_SERVING throughout the drain
+            await self._health_server.stop(0)
         await self.engine.stop()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()

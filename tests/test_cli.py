@@ -91,6 +91,10 @@ def test_health_command_exits_0_for_a_serving_server_and_1_for_an_unreachable_on
     assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
     done = subprocess.run([*health, "--server", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
+    # The same check without the server's imports, as the container image runs it.
+    probe = [BIN / "python", "-m", "splitwire.cloud.probe", "--server", address]
+    done = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
 
 
 def test_sigterm_stops_the_server_cleanly(cloud) -> None:

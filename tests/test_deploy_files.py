@@ -97,7 +97,7 @@ def test_dockerfile_builds_both_images_slim_non_root_with_health_checks() -> Non
         assert any(line.startswith("HEALTHCHECK ") for line in lines), name
         assert f'ENTRYPOINT ["{script}"]' in lines and script in scripts
     cloud_health = next(line for line in stages["cloud"] if line.startswith("HEALTHCHECK "))
-    assert "splitwire-cloud health" in cloud_health.replace('", "', " ")
+    assert "splitwire.cloud.probe" in cloud_health.replace('", "', " ")
 
 
 def test_compose_file_refers_to_what_exists() -> None:

@@ -142,6 +142,25 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
     assert len(reply.embedding.values) == 32
 
 
+def test_the_health_port_answers_plaintext_probes_of_a_mutual_tls_server_and_nothing_else(
+    pki: Pki, tiny_bert: LoadedModel
+) -> None:
+    tls = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": pki.ca}
+    with tiny_server(health_port=0, **tls) as running:
+        probe_address = f"127.0.0.1:{running.server.health_port}"
+        with grpc.insecure_channel(probe_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", SERVICE_NAME):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.SplitInferenceStub(channel).Infer(tiny_bert_request(), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            running.call(running.server.drain())
+            reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def test_token_files_must_hold_a_token(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_text("\n  \n")
