@@ -62,20 +62,23 @@ class ServerThread:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
 
+def start_serving_process(command: list[object], announcement: str) -> tuple[subprocess.Popen, re.Match]:
+    """Start ``command`` and read its first line, which must match ``announcement`` (the program says where
+    it listens): the process and the match. Kills the process and fails with its output otherwise."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(announcement, line)
+    if not match:
+        process.kill()
+        raise AssertionError(f"{command[0]} did not start: {line}{process.stderr.read()}")
+    return process, match
+
+
 def start_cloud_process(*args: str) -> tuple[subprocess.Popen, str]:
     """``splitwire-cloud serve`` on a free loopback port as its own process, once it says it is serving:
     the process and its ``HOST:PORT``. Extra ``args`` go to serve; the caller kills the process."""
-    process = subprocess.Popen(
-        [BIN / "splitwire-cloud", "serve", "--port", "0", "--metrics-port", "0", "--threads", "1", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()
-    match = re.search(r"serving on ([\d.]+:\d+), metrics on port (\d+)", line)
-    if not match:
-        process.kill()
-        raise AssertionError(f"server did not start: {line}{process.stderr.read()}")
+    command = [BIN / "splitwire-cloud", "serve", "--port", "0", "--metrics-port", "0", "--threads", "1", *args]
+    process, match = start_serving_process(command, r"serving on ([\d.]+:\d+), metrics on port (\d+)")
     process.metrics_port = int(match.group(2))  # type: ignore[attr-defined]
     return process, match.group(1)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, DATA, ServerThread, start_cloud_process
+from conftest import BIN, DATA, ServerThread, start_cloud_process, start_serving_process
 from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.edge.agent import EdgeConfig
 from splitwire.edge.service import EdgeService, ServiceConfig, backoff_delays
@@ -75,17 +75,8 @@ def replicas() -> Iterator[list[tuple[subprocess.Popen, str]]]:
 
 
 def start_edge_service(config: Path) -> tuple[subprocess.Popen, str, int]:
-    process = subprocess.Popen(
-        [BIN / "splitwire-edge", "serve", "--config", str(config), "--port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()
-    match = re.search(r"serving on (http://[\d.]+:\d+), metrics on port (\d+)", line)
-    if not match:
-        process.kill()
-        raise AssertionError(f"edge service did not start: {line}{process.stderr.read()}")
+    command = [BIN / "splitwire-edge", "serve", "--config", str(config), "--port", "0", "--metrics-port", "0"]
+    process, match = start_serving_process(command, r"serving on (http://[\d.]+:\d+), metrics on port (\d+)")
     return process, match.group(1), int(match.group(2))
 
 
