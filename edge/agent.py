@@ -48,6 +48,7 @@ from splitwire.split.transport import (
     MODEL_FINGERPRINT_KEY,
     balanced_channel_options,
     cloud_target,
+    fleet_server_name,
 )
 from splitwire.v1 import splitwire_pb2 as pb
 from splitwire.v1 import splitwire_pb2_grpc as pb_grpc
@@ -266,6 +267,9 @@ class EdgeAgent:
             options = balanced_channel_options(
                 self.config.max_message_bytes, self.config.max_attempts, self.config.reconnect_backoff_max_s
             )
+            fleet_name = fleet_server_name(self.config.server)
+            if security.tls and fleet_name and not security.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", fleet_name))
             self._channel = security.open_channel(cloud_target(self.config.server), options)
         except (CredentialsError, ValueError) as exc:
             raise EdgeError(str(exc)) from None

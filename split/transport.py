@@ -90,6 +90,16 @@ def balanced_channel_options(
     ]
 
 
+def fleet_server_name(servers: str) -> str | None:
+    """The name TLS must verify for a comma-separated list of replicas: the first entry's host (gRPC would
+    otherwise check the certificate against the list's own text). None for a single address or a URI,
+    whose host gRPC checks itself. Every replica of a list must present a certificate for this name."""
+    entries = [entry.strip() for entry in servers.split(",") if entry.strip()]
+    if len(entries) < 2:
+        return None
+    return entries[0].rpartition(":")[0].strip("[]")
+
+
 def cloud_target(servers: str) -> str:
     """The gRPC target for one server or a fleet of replicas.
 

@@ -22,7 +22,7 @@ from conftest import BIN, DATA, ServerThread, start_cloud_process, start_serving
 from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.edge.agent import EdgeConfig
 from splitwire.edge.service import EdgeService, ServiceConfig, backoff_delays
-from splitwire.split.transport import cloud_target
+from splitwire.split.transport import cloud_target, fleet_server_name
 
 REQUESTS = 150
 CLIENTS = 4
@@ -216,6 +216,8 @@ def test_a_list_of_replicas_becomes_one_round_robin_target() -> None:
     ]:
         with pytest.raises(ValueError, match=says):
             cloud_target(bad)
+    assert fleet_server_name("cloud-a:1,cloud-b:1") == "cloud-a" and fleet_server_name("[::1]:1,[::1]:2") == "::1"
+    assert fleet_server_name("cloud:1") is None and fleet_server_name("dns:///cloud:1") is None
     with pytest.raises(ValueError, match="mix IPv4 and IPv6"):
         cloud_target("127.0.0.1:1,[::1]:2")
 

@@ -205,3 +205,20 @@ def test_edge_cli_takes_tls_and_token_from_the_environment(tls_server: ServerThr
     )
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["embedding"]) == 32
+
+
+def test_edge_agent_reaches_a_list_of_tls_replicas_with_a_token(
+    tls_server: ServerThread, pki: Pki, token_file: Path, tiny_bert: LoadedModel
+) -> None:
+    """A list target (``ipv4:a,b``) still verifies each replica's certificate and carries the token.
+    (Both servers share this process's metrics, so the spread is tested with processes in test_fleet.)"""
+    tls = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "auth_token_file": token_file}
+    with tiny_server(**tls) as second:
+        security = ClientSecurity(tls_ca=pki.ca, auth_token_file=token_file)
+        config = EdgeConfig(server=f"{tls_server.address},{second.address}", model="tiny-bert", security=security)
+        served = lambda: sample(scrape(second.metrics_url), "splitwire_cloud_requests_total", method="Infer", code="OK")  # noqa: E731
+        before = served()
+        with EdgeAgent(config, tiny_bert) as agent:
+            for _ in range(6):
+                assert agent.infer("hello there").embedding is not None
+        assert served() == before + 6
