@@ -58,8 +58,8 @@ def balanced_channel_options(
     """Options for a channel over a fleet of replicas (see :func:`cloud_target`).
 
     gRPC's own ``round_robin`` policy keeps a connection to every address the target resolves to and
-    sends each call to the next ready one; a replica that goes down leaves the rotation until it
-    reconnects. Calls that cannot have changed server state (``Infer`` and ``GetServerInfo``; never a
+    sends each call to the next ready one; a replica that goes down, or whose health check says
+    NOT_SERVING, leaves the rotation until it is back. Calls that cannot have changed server state (``Infer`` and ``GetServerInfo``; never a
     generation stream) are retried by gRPC on ``UNAVAILABLE``, and each retry is picked afresh, so it
     lands on another replica.
     """
@@ -78,7 +78,13 @@ def balanced_channel_options(
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    service_config = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method_config]}
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # gRPC watches each replica's grpc.health.v1 status and leaves one out of the rotation while it
+        # says NOT_SERVING (loading its model, or draining before it stops), before any call fails there.
+        "healthCheckConfig": {"serviceName": SERVICE_NAME},
+        "methodConfig": [method_config],
+    }
     backoff_max_ms = max(1, int(1000 * reconnect_backoff_max_s))
     return [
         *channel_options(max_message_bytes),
