@@ -102,7 +102,7 @@ class EdgeService:
         self._stopping = threading.Event()
         self.last_connect_error: str | None = None
         self._http: ThreadingHTTPServer | None = None
-        self._threads: list[threading.Thread] = []
+        self._metrics_httpd = None
         self.metrics_port: int | None = None
 
     @property
@@ -119,15 +119,13 @@ class EdgeService:
         if self.agent.model is None:
             self.agent.load()
         if self.config.metrics_port is not None:
-            server, _ = start_http_server(self.config.metrics_port, addr=self.config.metrics_host)
-            self.metrics_port = int(server.server_address[1])
+            self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.metrics_host)
+            self.metrics_port = int(self._metrics_httpd.server_address[1])
         handler = type("Handler", (_Handler,), {"service": self})
         self._http = ThreadingHTTPServer((self.config.host, self.config.port), handler)
         self._http.daemon_threads = True
         for target, name in ((self._http.serve_forever, "edge-http"), (self._connect, "edge-connect")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, name=name, daemon=True).start()
         log.info("edge API on http://%s:%d", self.config.host, self.port)
 
     def wait_connected(self, timeout_s: float) -> bool:
@@ -135,9 +133,10 @@ class EdgeService:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        for server in (self._http, self._metrics_httpd):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         self.agent.close()
 
     def _connect(self) -> None:
@@ -148,6 +147,7 @@ class EdgeService:
             try:
                 self.agent.connect()
             except EdgeError as exc:
+                self.agent.close()  # a refusal after the channel opened (a fingerprint mismatch) must not leak it
                 self.last_connect_error = str(exc)
                 metrics.CONNECT_ATTEMPTS.labels("error").inc()
                 delay = next(delays)
