@@ -1,7 +1,8 @@
 """The deployment files a user copies (deploy/): the programs accept their configs, systemd accepts the
 unit, and the compose file and Dockerfile refer to what exists.
 
-No Docker daemon or registry is reachable here, so the images themselves are not built by the tests;
+docker-compose (Debian's 1.29) validates the compose file against the Compose schema. No Docker daemon
+or registry is reachable here, so the images themselves are not built by the tests;
 what the Dockerfile's build stage does (a non-editable install of the sources it copies) is checked
 instead by installing the same sources into a fresh virtual environment (see the README).
 """
@@ -98,6 +99,22 @@ def test_dockerfile_builds_both_images_slim_non_root_with_health_checks() -> Non
         assert f'ENTRYPOINT ["{script}"]' in lines and script in scripts
     cloud_health = next(line for line in stages["cloud"] if line.startswith("HEALTHCHECK "))
     assert "splitwire.cloud.probe" in cloud_health.replace('", "', " ")
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (Debian package docker-compose; scripts/test.sh installs it as root)",
+)
+def test_docker_compose_validates_the_compose_file() -> None:
+    """docker-compose checks the file against the Compose schema (no daemon needed for `config`)."""
+    done = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yml", "config", "-q"],
+        cwd=DEPLOY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_compose_file_refers_to_what_exists() -> None:
