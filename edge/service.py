@@ -43,6 +43,7 @@ from splitwire.split.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 DEFAULT_API_PORT = 8470
+IDLE_TIMEOUT_S = 5.0  # seconds a local connection may sit idle (or a body trickle in) before it is closed
 
 # gRPC status of a refused call -> the HTTP status the local caller sees.
 _HTTP_STATUS = {
@@ -123,7 +124,10 @@ class EdgeService:
             self.metrics_port = int(self._metrics_httpd.server_address[1])
         handler = type("Handler", (_Handler,), {"service": self})
         self._http = ThreadingHTTPServer((self.config.host, self.config.port), handler)
-        self._http.daemon_threads = True
+        # stop() waits for calls in flight (bounded by the cloud timeout) and for idle keep-alive
+        # connections to time out (IDLE_TIMEOUT_S), so a local caller never sees its answer cut off.
+        self._http.daemon_threads = False
+        self._http.block_on_close = True
         for target, name in ((self._http.serve_forever, "edge-http"), (self._connect, "edge-connect")):
             threading.Thread(target=target, name=name, daemon=True).start()
         log.info("edge API on http://%s:%d", self.config.host, self.port)
@@ -132,6 +136,7 @@ class EdgeService:
         return self._connected.wait(timeout_s)
 
     def stop(self) -> None:
+        """Stop accepting calls, let those in flight finish, then close the channel to the cloud."""
         self._stopping.set()
         for server in (self._http, self._metrics_httpd):
             if server is not None:
@@ -226,6 +231,7 @@ class EdgeService:
 class _Handler(BaseHTTPRequestHandler):
     service: EdgeService  # set on the subclass EdgeService.start() makes
     protocol_version = "HTTP/1.1"  # keep-alive: a local client reuses its connection
+    timeout = IDLE_TIMEOUT_S
     server_version = "splitwire-edge"
 
     _ROUTES: ClassVar[dict[str, str]] = {"/v1/infer": "infer", "/v1/generate": "generate"}

@@ -6,12 +6,14 @@ is built from: the fleet's gRPC target and the connection backoff.
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import re
 import signal
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, DATA, ServerThread, start_cloud_process, start_serving_process
+from prometheus_client import REGISTRY
 from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.edge.agent import EdgeConfig
-from splitwire.edge.service import EdgeService, ServiceConfig, backoff_delays
+from splitwire.edge.service import IDLE_TIMEOUT_S, EdgeService, ServiceConfig, backoff_delays
 from splitwire.split.transport import cloud_target, fleet_server_name
 
 REQUESTS = 180
@@ -190,6 +193,39 @@ def test_the_local_api_refuses_bad_calls_clearly_and_keeps_serving(
     got, answer = post(f"{base}{path}", body)
     assert got == status and says in answer["error"], answer
     assert post(f"{base}/v1/infer", {"texts": ["still serving"]})[0] == 200
+
+
+def test_stopping_the_service_lets_a_call_in_flight_finish_and_closes_idle_connections(tiny_llama_server) -> None:
+    edge = EdgeConfig(server=tiny_llama_server.address, model="tiny-llama", codec="fp32")
+    service = EdgeService(ServiceConfig(edge=edge, port=0))
+    service.start()
+    assert service.wait_connected(60)
+    idle = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    idle.request("GET", "/healthz")
+    assert idle.getresponse().read() and idle.sock is not None  # kept alive, then left idle
+    answers: list[tuple[int, dict, float]] = []
+
+    def generate() -> None:
+        status, body = post(f"http://127.0.0.1:{service.port}/v1/generate", {"prompt": "hi", "max_new_tokens": 120})
+        answers.append((status, body, time.monotonic()))
+
+    def generating() -> float:
+        return REGISTRY.get_sample_value("splitwire_cloud_generation_sessions", {"model": "tiny-llama"}) or 0.0
+
+    caller = threading.Thread(target=generate)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while not generating() and time.monotonic() < deadline:  # the cloud holds the session: under way
+        time.sleep(0.001)
+    assert generating(), "the generation never started"
+    started = time.monotonic()
+    service.stop()
+    stopped = time.monotonic()
+    caller.join(30)
+    (status, body, answered) = answers[0]
+    assert status == 200 and body["new_tokens"] >= 1, body
+    assert answered <= stopped, "stop() returned before the call in flight was answered"
+    assert stopped - started < IDLE_TIMEOUT_S + 10, "an idle keep-alive connection held stop() up"
 
 
 def test_the_local_api_answers_503_until_a_cloud_answers() -> None:
