@@ -59,9 +59,9 @@ def balanced_channel_options(
 
     gRPC's own ``round_robin`` policy keeps a connection to every address the target resolves to and
     sends each call to the next ready one; a replica that goes down, or whose health check says
-    NOT_SERVING, leaves the rotation until it is back. Calls that cannot have changed server state (``Infer`` and ``GetServerInfo``; never a
-    generation stream) are retried by gRPC on ``UNAVAILABLE``, and each retry is picked afresh, so it
-    lands on another replica.
+    NOT_SERVING, leaves the rotation until it is back. Calls that cannot have changed server state
+    (``Infer`` and ``GetServerInfo``; never a generation stream) are retried by gRPC on ``UNAVAILABLE``,
+    and each retry is picked afresh, so it lands on another replica.
     """
     if not 1 <= max_attempts <= 5:
         raise ValueError(f"max_attempts must be 1 to 5 (gRPC's limit), got {max_attempts}")
