@@ -4,7 +4,6 @@ alert rules and their unit tests, then a real Prometheus scraping a running clou
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from conftest import REPO
 from splitwire.edge.agent import EdgeAgent, EdgeConfig
 from test_deploy_grafana import dashboard_queries
+from test_server import sample, scrape
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
@@ -135,13 +135,10 @@ def test_a_real_prometheus_scrapes_the_bits_per_token_histogram(prometheus, mini
         for i in range(4):
             agent.infer(f"Another short sentence, number {i}.")
     # The server's own exposition, read directly: what Prometheus must have stored once it has scraped.
-    with urllib.request.urlopen(minilm_server.metrics_url, timeout=10) as answer:
-        exposition = answer.read().decode()
-    labels = f'codec="{codec}",model="{minilm.name}"'
-    count, total = (
-        float(re.search(rf"^splitwire_cloud_bits_per_token_{part}\{{{labels}\}} (\S+)$", exposition, re.M).group(1))
-        for part in ("count", "sum")
-    )
+    exposition = scrape(minilm_server.metrics_url)
+    labels = {"codec": codec, "model": minilm.name}
+    count = sample(exposition, "splitwire_cloud_bits_per_token_count", **labels)
+    total = sample(exposition, "splitwire_cloud_bits_per_token_sum", **labels)
     assert count >= 5
     selector = f'{{job="splitwire-cloud",codec="{codec}"}}'
     prometheus.wait_for(f"splitwire_cloud_bits_per_token_count{selector} == {count:g}")

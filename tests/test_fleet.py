@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import re
 import signal
 import subprocess
 import threading
@@ -26,6 +25,7 @@ from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.edge.agent import EdgeConfig
 from splitwire.edge.service import IDLE_TIMEOUT_S, EdgeService, ServiceConfig, backoff_delays
 from splitwire.split.transport import cloud_target, fleet_server_name
+from test_server import sample, scrape
 
 REQUESTS = 180
 CLIENTS = 4
@@ -52,9 +52,8 @@ def get(url: str, timeout: float = 10.0) -> tuple[int, str]:
 
 def served_ok(metrics_port: int) -> float:
     """Infer calls a replica answered OK, from a real scrape of its /metrics."""
-    _, text = get(f"http://127.0.0.1:{metrics_port}/metrics")
-    match = re.search(r'^splitwire_cloud_requests_total\{code="OK",method="Infer"\} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    text = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    return sample(text, "splitwire_cloud_requests_total", method="Infer", code="OK")
 
 
 def sentences(count: int) -> list[str]:
