@@ -13,8 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+from splitwire.cloud import probe
 from splitwire.cloud.config import ComputeMode, ServerConfig, default_torch_threads
-from splitwire.cloud.probe import HEALTH_OPTIONS, check_health
 from splitwire.cloud.server import CloudServer
 from splitwire.split.models import MODELS
 from splitwire.split.settings import Option, OptionSet
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit status 0 when the server answers SERVING, 1 when it answers otherwise (loading, "
         "draining) or cannot be reached within --timeout. Prints the status.",
     )
-    HEALTH_OPTIONS.add_to(health)
+    probe.HEALTH_OPTIONS.add_to(health)
     return parser
 
 
@@ -218,11 +218,7 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
-        try:
-            return check_health(HEALTH_OPTIONS.resolve(args))
-        except ValueError as exc:
-            print(f"splitwire-cloud: {exc}", file=sys.stderr)
-            return 2
+        return probe.run(args)
     try:
         values = SERVE_OPTIONS.resolve(args)
         config = config_from_values(values)

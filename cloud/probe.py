@@ -49,14 +49,19 @@ def check_health(values: dict[str, object]) -> int:
     return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="splitwire-cloud health", description="Exit 0 when the server is SERVING.")
-    HEALTH_OPTIONS.add_to(parser)
+def run(args: argparse.Namespace) -> int:
+    """The check from parsed arguments (flags added by ``HEALTH_OPTIONS``): its exit status."""
     try:
-        return check_health(HEALTH_OPTIONS.resolve(parser.parse_args(argv)))
+        return check_health(HEALTH_OPTIONS.resolve(args))
     except ValueError as exc:
         print(f"splitwire-cloud health: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="splitwire-cloud health", description="Exit 0 when the server is SERVING.")
+    HEALTH_OPTIONS.add_to(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
