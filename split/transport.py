@@ -96,11 +96,16 @@ def balanced_channel_options(
     ]
 
 
+def _server_entries(servers: str) -> list[str]:
+    """The addresses of a ``--server`` value: comma-separated, blanks ignored."""
+    return [entry.strip() for entry in servers.split(",") if entry.strip()]
+
+
 def fleet_server_name(servers: str) -> str | None:
     """The name TLS must verify for a comma-separated list of replicas: the first entry's host (gRPC would
     otherwise check the certificate against the list's own text). None for a single address or a URI,
     whose host gRPC checks itself. Every replica of a list must present a certificate for this name."""
-    entries = [entry.strip() for entry in servers.split(",") if entry.strip()]
+    entries = _server_entries(servers)
     if len(entries) < 2:
         return None
     return entries[0].rpartition(":")[0].strip("[]")
@@ -114,7 +119,7 @@ def cloud_target(servers: str) -> str:
     A comma-separated list ``a:50051,b:50051`` becomes one ``ipv4:``/``ipv6:`` target of all the
     addresses its entries resolve to now (a list is resolved once; name a DNS record to follow changes).
     """
-    entries = [entry.strip() for entry in servers.split(",") if entry.strip()]
+    entries = _server_entries(servers)
     if not entries:
         raise ValueError("no server address given: expected HOST:PORT, a comma-separated list, or dns:///NAME:PORT")
     if len(entries) == 1:
