@@ -94,6 +94,7 @@ class InferenceEngine:
         self._cuts: dict[int | None, Cut] = {}  # by wire split, None for the default: built once
         self._ready = False
         self._draining = False
+        self.last_call_at = 0.0  # time.monotonic() of the latest inference call, refused ones included
         self.sessions = SessionLimiter(config.max_sessions)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class InferenceEngine:
 
     def resolve(self, model_name: str, split: int | None, codec_name: str) -> tuple[Cut, Codec]:
         """Check the request's model, split and codec against what this server serves."""
+        self.last_call_at = time.monotonic()
         if not self.ready or self.model is None or self.catalog is None:
             raise ModelNotReady("the model is not loaded yet or the server is draining; retry shortly")
         if model_name and resolve_name(model_name) != self.model.name:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
@@ -26,6 +27,13 @@ from splitwire.v1 import splitwire_pb2 as pb
 from splitwire.v1 import splitwire_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# How long no inference call may have arrived before a draining server stops listening. gRPC core
+# cancels calls it has received but not yet handed to a handler when a server stops, and the client
+# sees CANCELLED, which it does not retry (grpc/grpc#41785). Until callers have moved to other
+# replicas (their health checks see NOT_SERVING), the server keeps answering, with a retryable
+# UNAVAILABLE.
+DRAIN_QUIET_S = 0.25
 
 
 def splitwire_version() -> str:
@@ -117,11 +125,16 @@ class CloudServer:
         self.engine.drain()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain, stop accepting calls, let in-flight ones finish within ``grace`` seconds, release everything."""
+        """Drain (answering UNAVAILABLE) until callers have moved away, stop accepting calls, let in-flight ones
+        finish, all within ``grace`` seconds; release everything."""
         grace = self.config.grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.drain()
+        while loop.time() < deadline and time.monotonic() - self.engine.last_call_at < DRAIN_QUIET_S:
+            await asyncio.sleep(DRAIN_QUIET_S / 5)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - loop.time()))
         if self._health_server is not None:  # last, so probes see NOT_SERVING throughout the drain
             await self._health_server.stop(0)
         await self.engine.stop()
