@@ -339,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="learning rate of the transforms relative to the entropy models (wide transforms want < 1)",
     )
+    train.add_argument(
+        "--embedding-distortion",
+        choices=["cosine", "covariance"],
+        default="cosine",
+        help="encoders: 1 - cosine to the unsplit embedding, or the error weighted by the embeddings' covariance "
+        "(errors along directions sentences differ along cost more)",
+    )
     train.add_argument("--batch-tokens", type=int, default=1024)
     train.add_argument("--latent-channels", type=int, default=64, help="factorized (0: no transform), hyperprior")
     train.add_argument("--side-channels", type=int, default=8, help="hyperprior")

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             latent_scale=args.latent_scale,
             warmup_steps=args.warmup_steps,
             transform_lr_scale=args.transform_lr_scale,
+            embedding_distortion=args.embedding_distortion,
             seed=args.seed,
             module=module_args,
         )

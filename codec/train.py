@@ -58,6 +58,8 @@ class TrainConfig:
     # every weight by about lr per step whatever its size; a wide PCA-initialised transform has small
     # weights, and noisy KL gradients then random-walk it away from a good basis.
     transform_lr_scale: float = 1.0
+    # Encoders: "cosine" (1 - cosine to the unsplit embedding) or "covariance" (see covariance_metric).
+    embedding_distortion: str = "cosine"
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
 
 
@@ -132,6 +134,24 @@ def encoder_distortion(output: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return 1.0 - F.cosine_similarity(output, target, dim=-1)
 
 
+def covariance_metric(embeddings: torch.Tensor) -> torch.Tensor:
+    """``(N, E)`` unsplit embeddings -> ``(E, E)``: their covariance scaled to mean eigenvalue 1/2.
+
+    Under it an error spread evenly over all directions costs what 1 - cosine charges, while an
+    error along a direction the embeddings hardly vary in costs less: downstream heads (a linear
+    probe, a similarity ranking) read the directions sentences differ along.
+    """
+    normalised = F.normalize(embeddings.double(), dim=-1)
+    covariance = torch.cov(normalised.t())
+    return (covariance * (0.5 * covariance.shape[0] / torch.trace(covariance))).float()
+
+
+def covariance_distortion(output: torch.Tensor, target: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """``e^T M e`` per sequence, ``e`` the error between the normalised embeddings."""
+    error = F.normalize(output, dim=-1) - F.normalize(target, dim=-1)
+    return ((error @ metric) * error).sum(-1)
+
+
 def decoder_distortion(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(unsplit || coded) of the next-token distributions, in nats, per position ``(B, T)``."""
     teacher = F.log_softmax(teacher_logits, dim=-1)
@@ -181,6 +201,10 @@ def train_codec(
         teacher = _teacher_outputs(model, texts, config)
         torch.save(teacher, teacher_path)
 
+    if config.embedding_distortion not in ("cosine", "covariance"):
+        raise ValueError(f"unknown embedding distortion {config.embedding_distortion!r}; choose cosine or covariance")
+    metric = covariance_metric(teacher) if teacher is not None and config.embedding_distortion == "covariance" else None
+
     batches = make_batches(model, texts, config, rng)
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -219,7 +243,11 @@ def train_codec(
             distortion = decoder_distortion(logits, teacher_logits)[batch.token_mask].mean()
         else:
             output = split_model.run_back(cut, hidden_hat, batch.token_mask, token_weights=weights)
-            distortion = encoder_distortion(output, teacher[batch.index]).mean()
+            target = teacher[batch.index]
+            if metric is None:
+                distortion = encoder_distortion(output, target).mean()
+            else:
+                distortion = covariance_distortion(output, target, metric).mean()
         tokens = batch.token_mask.sum()
         bits_per_token = (bits * batch.token_mask).sum() / tokens
         loss = bits_per_token + config.lmbda * distortion
