@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import constriction
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
@@ -54,6 +55,11 @@ from splitwire.codec.learned import (
 )
 
 FRACTION_BITS = 12  # fixed-point precision of the integer h_s, per layer
+# Revision 2 codes the per-sequence context in one range-coder call with constriction's per-row model
+# family (revision 1 made one call per context channel, each with a model built from its table). The
+# rows come from the checkpoint, so what a call allocates does not grow with the claimed token count.
+BITSTREAM_REVISION = 2
+TABLE_FAMILY = constriction.stream.model.Categorical(perfect=False)  # one row of counts per symbol
 FLOAT16_MAX = 65504.0
 
 
@@ -230,7 +236,8 @@ class HyperpriorModel(CodingModel):
     def _coding_models(self) -> _CodingModels:
         if self._models is None:
             self._models = _CodingModels(
-                context=[categorical(row[row > 0]) for row in self.context_counts.numpy()],
+                context=self.context_counts.numpy().astype(np.float64),
+                context_sizes=(self.context_counts > 0).sum(1).numpy(),
                 side=[categorical(row[row > 0]) for row in self.side_counts.numpy()],
                 main=[categorical(row[row > 0]) for row in self.scale_counts.numpy()],
                 side_network=self._checked_side_network(),
@@ -259,9 +266,11 @@ class HyperpriorModel(CodingModel):
         2**53 (checked when the tables are built), so the result is exact whatever the summation order,
         hence identical on every machine.
         """
-        inputs = np.concatenate([side, np.broadcast_to(context, (side.shape[0], len(context)))], axis=1)
         w1, b1, w2, b2 = self._coding_models().side_network
-        hidden = np.maximum(inputs.astype(np.float64) @ w1 + b1, 0.0)
+        # The context's share of the first layer is the same for every token: computed once. Exact
+        # integers either way, so splitting the sum changes no bit.
+        shared = context.astype(np.float64) @ w1[self.side_channels :] + b1
+        hidden = np.maximum(side.astype(np.float64) @ w1[: self.side_channels] + shared, 0.0)
         out = hidden @ w2 + b2
         mean = out[:, : self.channels] / 2.0 ** (2 * FRACTION_BITS)
         index = np.searchsorted(self.scale_thresholds.numpy(), out[:, self.channels :], side="left")
@@ -279,7 +288,7 @@ class HyperpriorModel(CodingModel):
         side = self._table_index(self.h_a(y), self.side_offsets, self.side_counts)
         context = np.zeros(0, dtype=np.int64)
         if self.context_channels:
-            context = self._table_index(self._context(x, None), self.context_offsets, self.context_counts)
+            context = self._table_index(self.g_c.token_mean(x), self.context_offsets, self.context_counts)
         mean, scale_index = self._integer_mean_scale(
             side + self.side_offsets.numpy(), context + self.context_offsets.numpy()
         )
@@ -352,8 +361,7 @@ class HyperpriorModel(CodingModel):
         stream = CodedStream()
         # What the decoder needs first comes first: the context, the side channels 0..G-1, then the
         # main symbols grouped by scale index, ascending.
-        for c in range(self.context_channels):
-            stream.push(symbols.context[c : c + 1], models.context[c])
+        stream.push_rows(symbols.context, TABLE_FAMILY, models.context)
         for g in range(self.side_channels):
             stream.push(symbols.side[:, g], models.side[g])
         for s, end, size in zip(present, ends, sizes, strict=True):
@@ -364,7 +372,11 @@ class HyperpriorModel(CodingModel):
         models = self._coding_models()
         half = self.scale_half_widths.numpy()
         stream = CodedStream(body)
-        context = np.array([int(stream.pop(1, models.context[c])[0]) for c in range(self.context_channels)], np.int64)
+        context = np.zeros(0, dtype=np.int64)
+        if self.context_channels:
+            context = stream.pop_rows(TABLE_FAMILY, models.context).astype(np.int64)
+            if (context >= models.context_sizes).any():
+                raise BitstreamError("a context symbol lies outside its channel's table")
         side = np.stack([stream.pop(tokens, models.side[g]) for g in range(self.side_channels)], axis=1)
         context_values = context + self.context_offsets.numpy()
         mean, scale_index = self._integer_mean_scale(side.astype(np.int64) + self.side_offsets.numpy(), context_values)
@@ -379,8 +391,7 @@ class HyperpriorModel(CodingModel):
         main = np.empty(tokens * self.channels, dtype=np.int64)
         main[order] = values
         y_hat = torch.from_numpy(main.reshape(tokens, self.channels) + mean).float()
-        shared = torch.from_numpy(context_values).float().expand(tokens, self.context_channels)
-        return self.standardize.inverse(self.g_s(torch.cat([y_hat, shared], dim=-1)))
+        return self.standardize.inverse(self.g_s.forward_shared(y_hat, torch.from_numpy(context_values).float()))
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         raw = self.raw_tokens(hidden)
@@ -415,7 +426,8 @@ class _Symbols:
 
 @dataclass(frozen=True)
 class _CodingModels:
-    context: list
+    context: np.ndarray  # (Cc, S) float64 counts, one row per channel: coded in one call
+    context_sizes: np.ndarray  # (Cc,) each row's support
     side: list
     main: list
     side_network: tuple[np.ndarray, ...]
@@ -424,3 +436,7 @@ class _CodingModels:
 class HyperpriorCodec(LearnedCodec):
     kind = CodecKind.HYPERPRIOR
     module_class = HyperpriorModel
+
+    def config(self) -> dict[str, object]:
+        # Part of the fingerprint, so peers that code the same checkpoint differently refuse each other.
+        return {**super().config(), "bitstream": BITSTREAM_REVISION}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from splitwire.codec.base import Codec, CodecKind
 from torch import nn
@@ -82,6 +83,23 @@ class ResidualTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.mlp(x)
+
+    # Inference shortcuts: the same function as forward(), with the linear maps that can act once
+    # per sequence instead of once per token doing so (float results differ only by rounding).
+
+    def token_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x).mean(-2)``, ``(T, in) -> (out,)``: the maps outside the nonlinearity act on means."""
+        inner = self.mlp.net[:-1](x).mean(-2)
+        return self.linear(x.mean(-2)) + self.mlp.net[-1](inner)
+
+    def forward_shared(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """``forward(cat([x, shared expanded over tokens], -1))``, ``x`` ``(T, a)``, ``shared`` ``(s,)``:
+        ``shared``'s part of the first products is one matrix-vector product."""
+        width = x.shape[-1]
+        first = self.mlp.net[0]
+        out = F.linear(x, self.linear.weight[:, :width], self.linear.bias + self.linear.weight[:, width:] @ shared)
+        inner = F.linear(x, first.weight[:, :width], first.bias + first.weight[:, width:] @ shared)
+        return out + self.mlp.net[1:](inner)
 
 
 def principal_directions(samples: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

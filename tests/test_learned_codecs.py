@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from splitwire.codec import hyperprior
 from splitwire.codec.base import CodecKind
 from splitwire.codec.catalog import CheckpointEntry
 from splitwire.codec.entropy import CodedStream, categorical, quantize_pmf
@@ -14,7 +15,7 @@ from splitwire.codec.errors import BitstreamError
 from splitwire.codec.factorized import FactorizedCodec, FactorizedModel
 from splitwire.codec.fitted import PcaCodec, PcaModel, UniformCodec, UniformModel
 from splitwire.codec.hyperprior import HyperpriorCodec, HyperpriorModel
-from splitwire.codec.learned import LearnedCodec, load_learned_codec, save_checkpoint
+from splitwire.codec.learned import LearnedCodec, ResidualTransform, load_learned_codec, save_checkpoint
 
 WIDTH = 32
 SMALL_SCALES = {"scale_count": 24, "scale_max": 16.0}  # small tables keep the golden files small
@@ -39,7 +40,7 @@ def build(kind: str) -> LearnedCodec:
         )
     elif kind == "hyperprior-context":
         module = HyperpriorModel(
-            WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, context_channels=4, **SMALL_SCALES
+            WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, context_channels=16, **SMALL_SCALES
         )
         cls = HyperpriorCodec
     elif kind == "hyperprior-raw":  # tokens beyond 5.5 travel as float16 (two of the golden input)
@@ -222,3 +223,25 @@ def test_wrong_kind_in_manifest_is_refused(tmp_path: Path) -> None:
     entry = CheckpointEntry(name="x", kind=CodecKind.UNIFORM, file=path, model="m", model_fingerprint="f", split=1)
     with pytest.raises(ValueError, match="holds a pca codec"):
         load_learned_codec(entry, WIDTH)
+
+
+@pytest.mark.parametrize(("hidden", "layers"), [(16, 1), (16, 2), (0, 1)])
+def test_residual_transform_shortcuts_compute_the_same_function(hidden: int, layers: int) -> None:
+    """The per-sequence shortcuts used at coding time agree with the training forward pass."""
+    torch.manual_seed(0)
+    transform = ResidualTransform(12, 10, hidden, layers)
+    for parameter in transform.parameters():  # a fresh MLP's last layer is zero: make every part count
+        torch.nn.init.normal_(parameter)
+    tokens, shared = torch.randn(7, 8), torch.randn(4)
+    with torch.inference_mode():
+        x = torch.cat([tokens, shared.expand(7, 4)], dim=-1)
+        torch.testing.assert_close(transform.token_mean(x), transform(x).mean(-2), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(transform.forward_shared(tokens, shared), transform(x), rtol=1e-5, atol=1e-4)
+
+
+def test_bitstream_revision_is_part_of_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that codes the same checkpoint in another revision must be refused, not misread."""
+    codec = build("hyperprior-context")
+    current = codec.fingerprint()
+    monkeypatch.setattr(hyperprior, "BITSTREAM_REVISION", hyperprior.BITSTREAM_REVISION - 1)
+    assert codec.fingerprint() != current

@@ -3,7 +3,9 @@ seeded input, and what that payload decodes to.
 
 Run only when the bitstream format changes on purpose (peers deployed with the old format will no longer
 agree): ``.venv/bin/python tests/data/golden/regenerate.py [KIND ...]`` (default: every kind; name only a new
-kind to leave the others' fixtures as they are). Checkpoints are committed because their
+kind to leave the others' fixtures as they are; ``--payloads-only KIND ...`` keeps the committed checkpoints
+and rewrites only what they code to, for a format change that leaves the models alone). Checkpoints are
+committed because their
 integer tables come from float arithmetic that may differ in the last bit between CPUs; the tables, once
 stored, are what both peers use.
 """
@@ -18,14 +20,25 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from splitwire.codec.learned import save_checkpoint  # noqa: E402
-from test_learned_codecs import KINDS, build, golden_input  # noqa: E402
+from splitwire.codec.catalog import CheckpointEntry  # noqa: E402
+from splitwire.codec.learned import load_learned_codec, save_checkpoint  # noqa: E402
+from test_learned_codecs import CODEC_KINDS, KINDS, WIDTH, build, golden_input  # noqa: E402
 
 
 def main() -> None:
-    for kind in sys.argv[1:] or KINDS:
-        codec = build(kind)
-        save_checkpoint(codec.module, codec.kind, HERE / f"{kind}.safetensors")
+    args = sys.argv[1:]
+    payloads_only = "--payloads-only" in args
+    args = [a for a in args if a != "--payloads-only"]
+    for kind in args or KINDS:
+        file = HERE / f"{kind}.safetensors"
+        if payloads_only:
+            entry = CheckpointEntry(
+                name=kind, kind=CODEC_KINDS[kind], file=file, model="m", model_fingerprint="f", split=1
+            )
+            codec = load_learned_codec(entry, WIDTH)
+        else:
+            codec = build(kind)
+            save_checkpoint(codec.module, codec.kind, file)
         payload = codec.encode_payload(golden_input())
         (HERE / f"{kind}.payload").write_bytes(payload)
         np.save(HERE / f"{kind}.decoded.npy", codec.decode_payload(payload)[1].numpy())
