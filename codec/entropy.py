@@ -189,7 +189,10 @@ class DeepFactorizedDensity(nn.Module):
         for c in range(self.channels):
             lo = int(np.searchsorted(cdf[c], TAIL_MASS / 2))
             hi = int(np.searchsorted(cdf[c], 1 - TAIL_MASS / 2))
-            lo, hi = min(lo, len(grid) - 1), min(max(hi, lo), len(grid) - 1)
+            lo, hi = min(lo, len(grid) - 2), min(max(hi, lo), len(grid) - 1)
+            # At least two symbols: a channel whose density collapsed onto one value codes in almost no
+            # bits either way, and a one-symbol table is not a distribution the range coder accepts.
+            hi = max(hi, lo + 1)
             upper = cdf[c, lo : hi + 1].copy()
             upper[-1] = 1.0
             pmf = np.diff(np.concatenate([[0.0], upper]))

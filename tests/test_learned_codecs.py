@@ -10,7 +10,7 @@ import torch
 from splitwire.codec import hyperprior
 from splitwire.codec.base import CodecKind
 from splitwire.codec.catalog import CheckpointEntry
-from splitwire.codec.entropy import CodedStream, categorical, quantize_pmf
+from splitwire.codec.entropy import CodedStream, DeepFactorizedDensity, categorical, quantize_pmf
 from splitwire.codec.errors import BitstreamError
 from splitwire.codec.factorized import FactorizedCodec, FactorizedModel
 from splitwire.codec.fitted import PcaCodec, PcaModel, UniformCodec, UniformModel
@@ -82,6 +82,21 @@ def test_quantized_tables_are_positive_and_exact() -> None:
     counts = quantize_pmf(np.array([0.5, 0.5 - 1e-12, 1e-12, 0.0]))
     assert counts.sum() == 1 << 16 and (counts >= 1).all()
     assert counts[0] >= counts[1] > counts[2]
+
+
+def test_a_collapsed_density_still_gets_a_codable_table() -> None:
+    """Training can squeeze a channel onto one value; its table keeps a second symbol so it still codes."""
+    density = DeepFactorizedDensity(2)
+    with torch.no_grad():  # channel 0: a CDF that steps from 0 to 1 at 0, within one unit
+        for matrix, bias in zip(density.matrices, density.biases, strict=True):
+            matrix[0].fill_(10.0)
+            bias[0].zero_()
+    offsets, counts = density.to_tables()
+    assert ((counts > 0).sum(1) >= 2).all()
+    model = categorical(counts[0][counts[0] > 0])
+    writer = CodedStream()
+    writer.push(np.full(7, -offsets[0], dtype=np.int32), model)
+    assert CodedStream(writer.to_bytes()).pop(7, model).tolist() == [-offsets[0]] * 7
 
 
 @pytest.mark.parametrize("length", [0, 1, 3, 10, 100, 1000])
