@@ -239,6 +239,7 @@ class HyperpriorModel(CodingModel):
                 context=self.context_counts.numpy().astype(np.float64),
                 context_sizes=(self.context_counts > 0).sum(1).numpy(),
                 side=[categorical(row[row > 0]) for row in self.side_counts.numpy()],
+                side_sizes=(self.side_counts > 0).sum(1).numpy(),
                 main=[categorical(row[row > 0]) for row in self.scale_counts.numpy()],
                 side_network=self._checked_side_network(),
             )
@@ -277,18 +278,18 @@ class HyperpriorModel(CodingModel):
         return mean, index
 
     @staticmethod
-    def _table_index(values: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> np.ndarray:
+    def _table_index(values: torch.Tensor, offsets: torch.Tensor, sizes: np.ndarray) -> np.ndarray:
         """Round ``values`` and clamp them into each channel's table: indices into the tables."""
-        lengths = (counts > 0).sum(1).numpy()
-        return np.clip(torch.round(values).to(torch.int64).numpy() - offsets.numpy(), 0, lengths - 1)
+        return np.clip(np.rint(values.numpy()).astype(np.int64) - offsets.numpy(), 0, sizes - 1)
 
     def _symbols(self, hidden: torch.Tensor) -> _Symbols:
+        models = self._coding_models()
         x = self.standardize(hidden.float())
         y = self.g_a(x)
-        side = self._table_index(self.h_a(y), self.side_offsets, self.side_counts)
+        side = self._table_index(self.h_a(y), self.side_offsets, models.side_sizes)
         context = np.zeros(0, dtype=np.int64)
         if self.context_channels:
-            context = self._table_index(self.g_c.token_mean(x), self.context_offsets, self.context_counts)
+            context = self._table_index(self.g_c.token_mean(x), self.context_offsets, models.context_sizes)
         mean, scale_index = self._integer_mean_scale(
             side + self.side_offsets.numpy(), context + self.context_offsets.numpy()
         )
@@ -429,6 +430,7 @@ class _CodingModels:
     context: np.ndarray  # (Cc, S) float64 counts, one row per channel: coded in one call
     context_sizes: np.ndarray  # (Cc,) each row's support
     side: list
+    side_sizes: np.ndarray  # (G,)
     main: list
     side_network: tuple[np.ndarray, ...]
 
