@@ -114,6 +114,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         training.update(
             steps=args.steps, lr=args.lr, seed=args.seed, batch_tokens=args.batch_tokens, max_tokens=config.max_tokens
         )
+        if model.family is ModelFamily.ENCODER:
+            training.update(embedding_distortion=args.embedding_distortion)
     entry = {
         "name": name,
         "kind": kind.label,
