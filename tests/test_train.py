@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from splitwire.codec.base import CodecKind
-from splitwire.codec.train import TrainConfig, train_codec
+from splitwire.codec.train import (
+    TrainConfig,
+    covariance_distortion,
+    covariance_metric,
+    encoder_distortion,
+    train_codec,
+)
 from splitwire.split.models import LoadedModel
 
 TEXTS = [f"sentence {i} about {w} things" for i, w in enumerate(["red", "big", "old", "new", "odd", "fun"] * 8)]
@@ -98,3 +106,28 @@ def test_decoder_training_with_kl_to_the_unsplit_next_token_distribution_learns(
 def test_decoder_training_refuses_a_token_gate(tiny_llama: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="token gate needs an encoder"):
         train_codec(tiny_llama, TEXTS, config(3, token_gate=True), tmp_path)
+
+
+def test_covariance_distortion_charges_like_cosine_for_spread_errors_and_more_along_variance() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Embeddings that vary mostly along the first axis.
+    embeddings = torch.randn(4000, 16, generator=generator) * torch.tensor([4.0] + [0.5] * 15) + 10.0
+    metric = covariance_metric(embeddings)
+    target = F.normalize(embeddings[:500], dim=-1)
+    spread = F.normalize(target + 0.02 * torch.randn(500, 16, generator=generator), dim=-1)
+    cosine, covariance = encoder_distortion(spread, target).mean(), covariance_distortion(spread, target, metric).mean()
+    assert 0.6 < covariance / cosine < 1.6  # an error spread over every direction costs about the same
+    directions = torch.linalg.eigh(metric.double()).eigenvectors.float()
+    along = F.normalize(target + 0.02 * directions[:, -1], dim=-1)  # the direction of most variance
+    across = F.normalize(target + 0.02 * directions[:, 0], dim=-1)  # the direction of least
+    along_cost = covariance_distortion(along, target, metric).mean()
+    assert along_cost > 5 * covariance_distortion(across, target, metric).mean()
+
+
+def test_training_on_the_covariance_distortion_lowers_the_loss(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    losses: list[float] = []
+    covariance_config = replace(config(30), embedding_distortion="covariance")
+    train_codec(tiny_bert, TEXTS, covariance_config, tmp_path, progress=lambda *args: losses.append(args[2]["dist"]))
+    assert sum(losses[-10:]) < sum(losses[:10])
+    with pytest.raises(ValueError, match="unknown embedding distortion"):
+        train_codec(tiny_bert, TEXTS, replace(config(1), embedding_distortion="l2"), tmp_path / "other")
