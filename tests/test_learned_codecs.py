@@ -73,6 +73,13 @@ def golden_input() -> torch.Tensor:
     return seeded((12, WIDTH))
 
 
+def load_golden(kind: str) -> LearnedCodec:
+    """The committed golden checkpoint of ``kind``, loaded as a shipped codec is."""
+    file = GOLDEN / f"{kind}.safetensors"
+    entry = CheckpointEntry(name=kind, kind=CODEC_KINDS[kind], file=file, model="m", model_fingerprint="f", split=1)
+    return load_learned_codec(entry, WIDTH)
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def codec(request) -> LearnedCodec:
     return build(request.param)
@@ -116,9 +123,7 @@ def test_coded_stream_trims_and_restores_its_last_word(length: int) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_golden_payloads_still_encode_and_decode_the_same(kind: str) -> None:
     """A committed checkpoint and payload pin the bitstream format: a change here breaks deployed peers."""
-    file = GOLDEN / f"{kind}.safetensors"
-    entry = CheckpointEntry(name=kind, kind=CODEC_KINDS[kind], file=file, model="m", model_fingerprint="f", split=1)
-    codec = load_learned_codec(entry, WIDTH)
+    codec = load_golden(kind)
     payload = (GOLDEN / f"{kind}.payload").read_bytes()
     assert codec.encode_payload(golden_input()) == payload
     decoded = codec.decode_payload(payload)[1].numpy()

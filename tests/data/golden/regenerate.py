@@ -20,9 +20,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from splitwire.codec.catalog import CheckpointEntry  # noqa: E402
-from splitwire.codec.learned import load_learned_codec, save_checkpoint  # noqa: E402
-from test_learned_codecs import CODEC_KINDS, KINDS, WIDTH, build, golden_input  # noqa: E402
+from splitwire.codec.learned import save_checkpoint  # noqa: E402
+from test_learned_codecs import KINDS, build, golden_input, load_golden  # noqa: E402
 
 
 def main() -> None:
@@ -30,15 +29,11 @@ def main() -> None:
     payloads_only = "--payloads-only" in args
     args = [a for a in args if a != "--payloads-only"]
     for kind in args or KINDS:
-        file = HERE / f"{kind}.safetensors"
         if payloads_only:
-            entry = CheckpointEntry(
-                name=kind, kind=CODEC_KINDS[kind], file=file, model="m", model_fingerprint="f", split=1
-            )
-            codec = load_learned_codec(entry, WIDTH)
+            codec = load_golden(kind)
         else:
             codec = build(kind)
-            save_checkpoint(codec.module, codec.kind, file)
+            save_checkpoint(codec.module, codec.kind, HERE / f"{kind}.safetensors")
         payload = codec.encode_payload(golden_input())
         (HERE / f"{kind}.payload").write_bytes(payload)
         np.save(HERE / f"{kind}.decoded.npy", codec.decode_payload(payload)[1].numpy())
