@@ -140,6 +140,8 @@ class Codec(ABC):
     def decode_body(self, header: container.Header, body: bytes | memoryview) -> torch.Tensor:
         """The costly half of :meth:`decode_payload`: the body of a parsed payload -> ``(T_kept, D)``."""
         hidden = self.decode(body, header.kept_tokens)
-        if not torch.isfinite(hidden).all():
+        # One float64 sum finds any NaN or infinity (they propagate; finite float32 values cannot overflow
+        # it) at a quarter of the cost of an elementwise test.
+        if not torch.isfinite(hidden.sum(dtype=torch.float64)):
             raise BitstreamError("payload decodes to non-finite values")
         return hidden

@@ -44,6 +44,8 @@ from splitwire.codec.entropy import (
 from splitwire.codec.errors import BitstreamError
 from splitwire.codec.learned import (
     CodingModel,
+    FrozenLayers,
+    FusedResidual,
     LearnedCodec,
     QuantMode,
     ResidualTransform,
@@ -235,75 +237,88 @@ class HyperpriorModel(CodingModel):
 
     def _coding_models(self) -> _CodingModels:
         if self._models is None:
+            side_sizes = (self.side_counts > 0).sum(1)
+            context_sizes = (self.context_counts > 0).sum(1)
             self._models = _CodingModels(
                 context=self.context_counts.numpy().astype(np.float64),
-                context_sizes=(self.context_counts > 0).sum(1).numpy(),
+                context_sizes=context_sizes.numpy(),
                 side=[categorical(row[row > 0]) for row in self.side_counts.numpy()],
-                side_sizes=(self.side_counts > 0).sum(1).numpy(),
                 main=[categorical(row[row > 0]) for row in self.scale_counts.numpy()],
+                side_range=_TableRange.of(self.side_offsets, side_sizes),
+                context_range=_TableRange.of(self.context_offsets, context_sizes),
+                half_widths=self.scale_half_widths.numpy(),
                 side_network=self._checked_side_network(),
+                analysis=self.g_a.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std),
+                side_analysis=self.h_a.frozen(),
+                context_analysis=(
+                    self.g_c.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std)
+                    if self.context_channels
+                    else None
+                ),
+                synthesis=self.g_s.fused(out_shift=self.standardize.mean, out_scale=self.standardize.std),
             )
         return self._models
 
-    def _checked_side_network(self) -> tuple[np.ndarray, ...]:
-        """The integer h_s as float64 arrays, after proving its arithmetic stays exact."""
-        w1, b1, w2, b2 = (t.numpy().astype(np.float64) for t in (self.hs_w1, self.hs_b1, self.hs_w2, self.hs_b2))
+    def _checked_side_network(self) -> _IntegerSideNetwork:
+        """The integer h_s in float64, after proving its arithmetic stays exact."""
+        w1, b1, w2, b2 = (t.double() for t in (self.hs_w1, self.hs_b1, self.hs_w2, self.hs_b2))
         largest_input = 0.0
         for offsets, counts in ((self.side_offsets, self.side_counts), (self.context_offsets, self.context_counts)):
             if offsets.numel():
-                last = offsets.numpy() + (counts > 0).sum(1).numpy() - 1
-                largest_input = max(largest_input, float(np.max(np.maximum(np.abs(offsets.numpy()), np.abs(last)))))
-        largest_hidden = largest_input * np.abs(w1).sum(1).max() + np.abs(b1).max()
-        largest_out = largest_hidden * np.abs(w2).sum(1).max() + np.abs(b2).max()
+                last = offsets + (counts > 0).sum(1) - 1
+                largest_input = max(largest_input, float(torch.maximum(offsets.abs(), last.abs()).max()))
+        largest_hidden = largest_input * float(w1.abs().sum(1).max()) + float(b1.abs().max())
+        largest_out = largest_hidden * float(w2.abs().sum(1).max()) + float(b2.abs().max())
         if largest_out >= 2.0**52:
             raise ValueError("side network weights are too large for exact fixed-point evaluation")
-        return w1.T.copy(), b1, w2.T.copy(), b2
+        # Scaling by a power of two moves only exponents: the means come out in latent units, still exact.
+        unit = 2.0 ** -(2 * FRACTION_BITS)
+        w1, w2 = w1.t(), w2.t()
+        return _IntegerSideNetwork(
+            side_weight=w1[: self.side_channels].contiguous(),
+            context_weight=w1[self.side_channels :].t().contiguous(),
+            bias=b1,
+            mean_weight=(w2[:, : self.channels] * unit).contiguous(),
+            mean_bias=b2[: self.channels] * unit,
+            scale_weight=w2[:, self.channels :].contiguous(),
+            scale_bias=b2[self.channels :],
+            thresholds=self.scale_thresholds.double(),
+        )
 
-    def _integer_mean_scale(self, side: np.ndarray, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Side symbols ``(T, G)`` and context symbols ``(Cc,)`` (integers) -> means ``(T, C)`` float64
-        and scale indices ``(T, C)``.
-
-        Integer arithmetic carried out in float64: every product and partial sum is an integer below
-        2**53 (checked when the tables are built), so the result is exact whatever the summation order,
-        hence identical on every machine.
-        """
-        w1, b1, w2, b2 = self._coding_models().side_network
-        # The context's share of the first layer is the same for every token: computed once. Exact
-        # integers either way, so splitting the sum changes no bit.
-        shared = context.astype(np.float64) @ w1[self.side_channels :] + b1
-        hidden = np.maximum(side.astype(np.float64) @ w1[: self.side_channels] + shared, 0.0)
-        out = hidden @ w2 + b2
-        mean = out[:, : self.channels] / 2.0 ** (2 * FRACTION_BITS)
-        index = np.searchsorted(self.scale_thresholds.numpy(), out[:, self.channels :], side="left")
-        return mean, index
-
-    @staticmethod
-    def _table_index(values: torch.Tensor, offsets: torch.Tensor, sizes: np.ndarray) -> np.ndarray:
-        """Round ``values`` and clamp them into each channel's table: indices into the tables."""
-        return np.clip(np.rint(values.numpy()).astype(np.int64) - offsets.numpy(), 0, sizes - 1)
+    def _integer_mean_scale(self, side: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Side values ``(T, G)`` and context values ``(Cc,)`` (integers in float64) -> means ``(T, C)``
+        float64 and scale indices ``(T, C)``."""
+        return self._coding_models().side_network(side, context)
 
     def _symbols(self, hidden: torch.Tensor) -> _Symbols:
+        # Torch until the entropy coder: the encoder runs right after the model's front blocks, whose
+        # math library is then warm, while each first call into another library costs tens of microseconds.
         models = self._coding_models()
-        x = self.standardize(hidden.float())
-        y = self.g_a(x)
-        side = self._table_index(self.h_a(y), self.side_offsets, models.side_sizes)
-        context = np.zeros(0, dtype=np.int64)
-        if self.context_channels:
-            context = self._table_index(self.g_c.token_mean(x), self.context_offsets, models.context_sizes)
-        mean, scale_index = self._integer_mean_scale(
-            side + self.side_offsets.numpy(), context + self.context_offsets.numpy()
+        hidden = hidden.float()
+        y = models.analysis(hidden)
+        side = models.side_range.clamp(models.side_analysis(y))
+        context = torch.zeros(0, dtype=torch.float64)
+        if models.context_analysis is not None:
+            context = models.context_range.clamp(models.context_analysis.token_mean(hidden))
+        mean, scale_index = self._integer_mean_scale(side, context)
+        half = torch.take(models.half_widths_tensor, scale_index)
+        main = torch.round(y.double() - mean).clamp_(-half, half)
+        return _Symbols(
+            models.context_range.indices(context),
+            models.side_range.indices(side),
+            main.long().numpy(),
+            scale_index.numpy(),
         )
-        half = self.scale_half_widths.numpy()[scale_index]
-        main = np.clip(np.round(y.double().numpy() - mean), -half, half).astype(np.int64)
-        return _Symbols(context, side, main, scale_index)
 
     @staticmethod
     def _groups(scale_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Main symbols grouped by scale index: flat positions in coding order, group indices, group sizes."""
         flat = scale_index.ravel()
-        order = np.argsort(flat, kind="stable")
-        present, sizes = np.unique(flat[order], return_counts=True)
-        return order, present, sizes
+        # A stable sort of 16-bit keys is a radix sort in NumPy, several times faster than on int64.
+        order = np.argsort(flat.astype(np.int16), kind="stable")
+        counts = np.bincount(flat)
+        present = np.flatnonzero(counts)
+        return order, present, counts[present]
 
     def compress(self, hidden: torch.Tensor) -> bytes:
         if not self.raw_token_threshold:
@@ -355,44 +370,42 @@ class HyperpriorModel(CodingModel):
     def _compress_coded(self, hidden: torch.Tensor) -> bytes:
         symbols = self._symbols(hidden)
         models = self._coding_models()
-        half = self.scale_half_widths.numpy()
         order, present, sizes = self._groups(symbols.scale_index)
-        values = symbols.main.ravel()[order]
-        ends = np.cumsum(sizes)
+        # Main symbols in coding order, as indices into their scale's table.
+        values = symbols.main.ravel()[order] + models.half_widths[symbols.scale_index.ravel()[order]]
         stream = CodedStream()
         # What the decoder needs first comes first: the context, the side channels 0..G-1, then the
         # main symbols grouped by scale index, ascending.
         stream.push_rows(symbols.context, TABLE_FAMILY, models.context)
+        side = np.ascontiguousarray(symbols.side.T, dtype=np.int32)
         for g in range(self.side_channels):
-            stream.push(symbols.side[:, g], models.side[g])
-        for s, end, size in zip(present, ends, sizes, strict=True):
-            stream.push(values[end - size : end] + half[s], models.main[s])
+            stream.push(side[g], models.side[g])
+        start = 0
+        for s, size in zip(present, sizes, strict=True):
+            stream.push(values[start : start + size], models.main[s])
+            start += size
         return stream.to_bytes()
 
     def _decompress_coded(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         models = self._coding_models()
-        half = self.scale_half_widths.numpy()
         stream = CodedStream(body)
-        context = np.zeros(0, dtype=np.int64)
+        context = np.zeros(0, dtype=np.int32)
         if self.context_channels:
-            context = stream.pop_rows(TABLE_FAMILY, models.context).astype(np.int64)
+            context = stream.pop_rows(TABLE_FAMILY, models.context)
             if (context >= models.context_sizes).any():
                 raise BitstreamError("a context symbol lies outside its channel's table")
         side = np.stack([stream.pop(tokens, models.side[g]) for g in range(self.side_channels)], axis=1)
-        context_values = context + self.context_offsets.numpy()
-        mean, scale_index = self._integer_mean_scale(side.astype(np.int64) + self.side_offsets.numpy(), context_values)
-        order, present, sizes = self._groups(scale_index)
-        values = np.concatenate(
-            [
-                stream.pop(int(size), models.main[s]).astype(np.int64) - half[s]
-                for s, size in zip(present, sizes, strict=True)
-            ]
+        context_values = models.context_range.values(context)
+        mean, scale_index = self._integer_mean_scale(models.side_range.values(side), context_values)
+        order, present, sizes = self._groups(scale_index.numpy())
+        indices = np.concatenate(
+            [stream.pop(int(size), models.main[s]) for s, size in zip(present, sizes, strict=True)]
         )
         stream.finish()
-        main = np.empty(tokens * self.channels, dtype=np.int64)
-        main[order] = values
-        y_hat = torch.from_numpy(main.reshape(tokens, self.channels) + mean).float()
-        return self.standardize.inverse(self.g_s.forward_shared(y_hat, torch.from_numpy(context_values).float()))
+        main = np.empty(tokens * self.channels, dtype=np.float64)
+        main[order] = indices - models.half_widths[np.repeat(present, sizes)]
+        y_hat = (torch.from_numpy(main).view(tokens, self.channels) + mean).float()
+        return models.synthesis.with_shared(y_hat, context_values.float())
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         raw = self.raw_tokens(hidden)
@@ -426,13 +439,77 @@ class _Symbols:
 
 
 @dataclass(frozen=True)
+class _TableRange:
+    """The values each channel's table covers, ``offset .. offset + size - 1``, as float64 tensors."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+
+    @classmethod
+    def of(cls, offsets: torch.Tensor, sizes: torch.Tensor) -> _TableRange:
+        return cls(offsets.double(), (offsets + sizes - 1).double())
+
+    def clamp(self, values: torch.Tensor) -> torch.Tensor:
+        """Round ``values`` ``(..., channels)`` and clamp them into their channel's table (float64)."""
+        return torch.round(values.double()).clamp_(self.low, self.high)
+
+    def indices(self, values: torch.Tensor) -> np.ndarray:
+        """Clamped values -> indices into the tables."""
+        return (values - self.low).long().numpy()
+
+    def values(self, indices: np.ndarray) -> torch.Tensor:
+        """Indices into the tables -> values (float64)."""
+        return torch.from_numpy(indices).double() + self.low
+
+
+@dataclass(frozen=True)
+class _IntegerSideNetwork:
+    """The fixed-point h_s (Linear -> ReLU -> Linear on integers) evaluated in float64.
+
+    Every product and partial sum is an integer below 2**53 (checked when it is built; the means are
+    such integers times a power of two), so the result is exact whatever the summation order or
+    library, hence identical on every machine.
+    """
+
+    side_weight: torch.Tensor  # (G, H)
+    context_weight: torch.Tensor  # (H, Cc)
+    bias: torch.Tensor  # (H,)
+    mean_weight: torch.Tensor  # (H, C), in latent units
+    mean_bias: torch.Tensor
+    scale_weight: torch.Tensor  # (H, C), fixed-point log-scales
+    scale_bias: torch.Tensor
+    thresholds: torch.Tensor  # (scales - 1,) fixed-point log-scales between neighbouring scales
+
+    def __call__(self, side: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Side values ``(T, G)`` and context values ``(Cc,)`` -> means ``(T, C)`` and scale indices ``(T, C)``."""
+        # The context's share of the first layer is the same for every token: computed once.
+        hidden = torch.addmm(torch.addmv(self.bias, self.context_weight, context), side, self.side_weight).relu_()
+        log_scale = torch.addmm(self.scale_bias, hidden, self.scale_weight)
+        return torch.addmm(self.mean_bias, hidden, self.mean_weight), torch.searchsorted(self.thresholds, log_scale)
+
+
+@dataclass(frozen=True)
 class _CodingModels:
+    """What coding needs, built once from the weights and tables."""
+
     context: np.ndarray  # (Cc, S) float64 counts, one row per channel: coded in one call
     context_sizes: np.ndarray  # (Cc,) each row's support
     side: list
-    side_sizes: np.ndarray  # (G,)
     main: list
-    side_network: tuple[np.ndarray, ...]
+    side_range: _TableRange
+    context_range: _TableRange
+    half_widths: np.ndarray  # (scales,) each scale's table covers -half .. half
+    side_network: _IntegerSideNetwork
+
+    @property
+    def half_widths_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.half_widths)
+
+    # The transforms as coding runs them, the standardiser folded in.
+    analysis: FusedResidual
+    side_analysis: FrozenLayers
+    context_analysis: FusedResidual | None
+    synthesis: FusedResidual
 
 
 class HyperpriorCodec(LearnedCodec):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,12 +43,19 @@ def quantize(y: torch.Tensor, mode: QuantMode, offset: torch.Tensor | float = 0.
     return rounded
 
 
+ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "gelu": (nn.GELU, F.gelu),
+    "relu": (nn.ReLU, F.relu),
+}
+
+
 class TokenMLP(nn.Module):
     """A per-token MLP ``(..., in_dim) -> (..., out_dim)``; with ``hidden == 0`` a single linear map."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int, layers: int = 2, activation: str = "gelu") -> None:
         super().__init__()
-        act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
+        self.activation = activation
+        act = ACTIVATIONS[activation][0]
         modules: list[nn.Module] = []
         width = in_dim
         if hidden:
@@ -58,6 +67,32 @@ class TokenMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @torch.no_grad()
+    def frozen(self) -> FrozenLayers:
+        """This MLP for coding, as plain tensor operations."""
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        return FrozenLayers(
+            tuple(linear.weight.t().contiguous() for linear in linears),
+            tuple(linear.bias.clone() for linear in linears),
+            ACTIVATIONS[self.activation][1],
+        )
+
+
+@dataclass(frozen=True)
+class FrozenLayers:
+    """Linear layers with an activation after each but the last, run as plain tensor operations: at a
+    few dozen tokens a module call costs about as much as the product it wraps."""
+
+    weights: tuple[torch.Tensor, ...]  # (in, out) each
+    biases: tuple[torch.Tensor, ...]
+    activation: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, in)`` -> ``(T, out)``."""
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            x = self.activation(torch.addmm(bias, x, weight))
+        return torch.addmm(self.biases[-1], x, self.weights[-1])
 
 
 class ResidualTransform(nn.Module):
@@ -84,22 +119,95 @@ class ResidualTransform(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.mlp(x)
 
-    # Inference shortcuts: the same function as forward(), with the linear maps that can act once
-    # per sequence instead of once per token doing so (float results differ only by rounding).
+    @torch.no_grad()
+    def fused(
+        self,
+        in_shift: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
+        out_shift: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
+    ) -> FusedResidual:
+        """This transform frozen for coding, with per-channel affine maps folded into its ends:
+        ``out_scale * self((x - in_shift) / in_scale) + out_shift`` (omitted maps are the identity)."""
+        linear, layers = self.linear, list(self.mlp.net)
+        first_out = linear.out_features
+        weight = torch.cat([linear.weight, layers[0].weight])  # (out + hidden, in)
+        bias = torch.cat([linear.bias, layers[0].bias])
+        if len(layers) == 1:  # no hidden layer: two linear maps, summed
+            weight = weight[:first_out] + weight[first_out:]
+            bias = bias[:first_out] + bias[first_out:]
+            last_weight, last_bias = weight.new_zeros(0, first_out), bias.new_zeros(first_out)
+        else:
+            last_weight, last_bias = layers[-1].weight.t(), layers[-1].bias
+        if in_scale is not None:
+            weight = weight / in_scale
+        if in_shift is not None:
+            bias = bias - weight @ in_shift
+        bias = bias.clone()
+        bias[:first_out] += last_bias  # the MLP's last bias joins the linear map's
+        if out_scale is not None:
+            weight[:first_out] *= out_scale[:, None]
+            bias[:first_out] *= out_scale
+            last_weight = last_weight * out_scale
+        if out_shift is not None:
+            bias[:first_out] += out_shift
+        inner = [m for m in layers[1:-1] if isinstance(m, nn.Linear)]
+        return FusedResidual(
+            weight.t().contiguous(),
+            bias,
+            first_out,
+            ACTIVATIONS[self.mlp.activation][1],
+            tuple((linear.weight.t().contiguous(), linear.bias.clone()) for linear in inner),
+            last_weight.contiguous(),
+        )
+
+
+@dataclass(frozen=True)
+class FusedResidual:
+    """A :class:`ResidualTransform` as coding runs it: ``x @ W + b + mlp(x)`` with the linear map and
+    the MLP's first layer side by side in one matrix, so one product serves both, and maps that can act
+    once per sequence doing so. Coding sends a few dozen tokens at a time, where the fixed cost of each
+    small product outweighs its arithmetic; results differ from the module's only by float rounding.
+    """
+
+    first_weight: torch.Tensor  # (in, out + hidden): the linear map, then the MLP's first layer
+    first_bias: torch.Tensor  # (out + hidden,), the MLP's last bias folded into the linear map's
+    out_dim: int
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    inner: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # the MLP's layers between its first and last
+    last_weight: torch.Tensor  # (hidden, out); empty without a hidden layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, in)`` -> ``(T, out)``."""
+        return self._finish(torch.addmm(self.first_bias, x, self.first_weight))
+
+    def with_shared(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """``self(cat([x, shared expanded over tokens], -1))``, ``x`` ``(T, a)``, ``shared`` ``(s,)``:
+        ``shared``'s part of the first product is one vector-matrix product."""
+        width = x.shape[-1]
+        bias = torch.addmv(self.first_bias, self.first_weight[width:].t(), shared)
+        return self._finish(torch.addmm(bias, x, self.first_weight[:width]))
 
     def token_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(x).mean(-2)``, ``(T, in) -> (out,)``: the maps outside the nonlinearity act on means."""
-        inner = self.mlp.net[:-1](x).mean(-2)
-        return self.linear(x.mean(-2)) + self.mlp.net[-1](inner)
+        """``self(x).mean(0)``, ``(T, in)`` -> ``(out,)``: the maps outside the nonlinearity act on means."""
+        out = self.out_dim
+        linear = torch.addmv(self.first_bias[:out], self.first_weight[:, :out].t(), x.mean(0))
+        if not len(self.last_weight):
+            return linear
+        inner = self._hidden(torch.addmm(self.first_bias[out:], x, self.first_weight[:, out:])).mean(0)
+        return torch.addmv(linear, self.last_weight.t(), inner)
 
-    def forward_shared(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        """``forward(cat([x, shared expanded over tokens], -1))``, ``x`` ``(T, a)``, ``shared`` ``(s,)``:
-        ``shared``'s part of the first products is one matrix-vector product."""
-        width = x.shape[-1]
-        first = self.mlp.net[0]
-        out = F.linear(x, self.linear.weight[:, :width], self.linear.bias + self.linear.weight[:, width:] @ shared)
-        inner = F.linear(x, first.weight[:, :width], first.bias + first.weight[:, width:] @ shared)
-        return out + self.mlp.net[1:](inner)
+    def _hidden(self, first_hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP from its first product's output to its last product's input."""
+        hidden = self.activation(first_hidden)
+        for weight, bias in self.inner:
+            hidden = self.activation(torch.addmm(bias, hidden, weight))
+        return hidden
+
+    def _finish(self, first: torch.Tensor) -> torch.Tensor:
+        if not len(self.last_weight):
+            return first
+        return torch.addmm(first[:, : self.out_dim], self._hidden(first[:, self.out_dim :]), self.last_weight)
 
 
 def principal_directions(samples: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +357,8 @@ class LearnedCodec(Codec):
             return self.module.estimate_bits(hidden)
 
     def select_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
+        if self.module.gate is None:
+            return None
         with torch.inference_mode():
             return self.module.keep_mask(hidden)
 

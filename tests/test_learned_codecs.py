@@ -14,7 +14,7 @@ from splitwire.codec.entropy import CodedStream, DeepFactorizedDensity, categori
 from splitwire.codec.errors import BitstreamError
 from splitwire.codec.factorized import FactorizedCodec, FactorizedModel
 from splitwire.codec.fitted import PcaCodec, PcaModel, UniformCodec, UniformModel
-from splitwire.codec.hyperprior import HyperpriorCodec, HyperpriorModel
+from splitwire.codec.hyperprior import FRACTION_BITS, HyperpriorCodec, HyperpriorModel
 from splitwire.codec.learned import LearnedCodec, ResidualTransform, load_learned_codec, save_checkpoint
 
 WIDTH = 32
@@ -224,16 +224,24 @@ def test_raw_tokens_are_left_out_of_the_fitted_statistics() -> None:
     assert float(module.standardize.std[0]) < 10.0
 
 
-def test_hyperprior_side_network_is_integer_and_batch_independent() -> None:
-    codec = build("hyperprior")
-    module = codec.module
+@pytest.mark.parametrize("kind", ["hyperprior", "hyperprior-context"])
+def test_hyperprior_side_network_is_exact_integer_arithmetic(kind: str) -> None:
+    """The float64 evaluation of h_s equals the same network in int64 arithmetic, row by row and batched."""
+    module = build(kind).module
     assert module.hs_w1.dtype == torch.int64
-    z = np.random.default_rng(0).integers(-3, 4, size=(50, module.side_channels))
-    context = np.zeros(0, dtype=np.int64)
-    mean_all, index_all = module._integer_mean_scale(z, context)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randint(-3, 4, (50, module.side_channels), generator=generator)
+    context = torch.randint(-3, 4, (module.context_channels,), generator=generator)
+    inputs = torch.cat([z, context.expand(50, -1)], dim=1)
+    out = (inputs @ module.hs_w1.t() + module.hs_b1).clamp_min(0) @ module.hs_w2.t() + module.hs_b2
+    channels = module.channels
+    expected_index = torch.searchsorted(module.scale_thresholds, out[:, channels:].contiguous())
+    mean_all, index_all = module._integer_mean_scale(z.double(), context.double())
+    assert torch.equal(mean_all * 2.0 ** (2 * FRACTION_BITS), out[:, :channels].double())
+    assert torch.equal(index_all, expected_index)
     for row in range(0, 50, 7):
-        mean_one, index_one = module._integer_mean_scale(z[row : row + 1], context)
-        assert np.array_equal(mean_one[0], mean_all[row]) and np.array_equal(index_one[0], index_all[row])
+        mean_one, index_one = module._integer_mean_scale(z[row : row + 1].double(), context.double())
+        assert torch.equal(mean_one[0], mean_all[row]) and torch.equal(index_one[0], index_all[row])
 
 
 def test_wrong_kind_in_manifest_is_refused(tmp_path: Path) -> None:
@@ -246,17 +254,28 @@ def test_wrong_kind_in_manifest_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("hidden", "layers"), [(16, 1), (16, 2), (0, 1)])
-def test_residual_transform_shortcuts_compute_the_same_function(hidden: int, layers: int) -> None:
-    """The per-sequence shortcuts used at coding time agree with the training forward pass."""
+def test_fused_transform_computes_the_same_function(hidden: int, layers: int) -> None:
+    """The transform as coding runs it (affine maps folded in, products merged, per-sequence maps
+    applied once) agrees with the training forward pass."""
     torch.manual_seed(0)
     transform = ResidualTransform(12, 10, hidden, layers)
     for parameter in transform.parameters():  # a fresh MLP's last layer is zero: make every part count
         torch.nn.init.normal_(parameter)
     tokens, shared = torch.randn(7, 8), torch.randn(4)
+    in_shift, in_scale = torch.randn(12), torch.rand(12) + 0.5
+    out_shift, out_scale = torch.randn(10), torch.rand(10) + 0.5
     with torch.inference_mode():
         x = torch.cat([tokens, shared.expand(7, 4)], dim=-1)
-        torch.testing.assert_close(transform.token_mean(x), transform(x).mean(-2), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(transform.forward_shared(tokens, shared), transform(x), rtol=1e-5, atol=1e-4)
+        plain = transform.fused()
+        torch.testing.assert_close(plain(x), transform(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(plain.token_mean(x), transform(x).mean(-2), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(plain.with_shared(tokens, shared), transform(x), rtol=1e-5, atol=1e-4)
+        wrapped = transform.fused(in_shift, in_scale, out_shift, out_scale)
+        expected = out_scale * transform((x - in_shift) / in_scale) + out_shift
+        torch.testing.assert_close(wrapped(x), expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(wrapped.token_mean(x), expected.mean(-2), rtol=1e-5, atol=1e-4)
+        shared_part = x[0, 8:]  # with_shared's shared values enter after the input map, like the tokens
+        torch.testing.assert_close(wrapped.with_shared(x[:, :8], shared_part), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_bitstream_revision_is_part_of_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
