@@ -248,13 +248,13 @@ class HyperpriorModel(CodingModel):
                 context_range=_TableRange.of(self.context_offsets, context_sizes),
                 half_widths=self.scale_half_widths.numpy(),
                 side_network=self._checked_side_network(),
-                analysis=self.g_a.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std),
-                side_analysis=self.h_a.frozen(),
-                context_analysis=(
+                analysis=_Analysis.of(
+                    self.g_a.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std),
                     self.g_c.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std)
                     if self.context_channels
-                    else None
+                    else None,
                 ),
+                side_analysis=self.h_a.frozen(),
                 synthesis=self.g_s.fused(out_shift=self.standardize.mean, out_scale=self.standardize.std),
             )
         return self._models
@@ -295,11 +295,9 @@ class HyperpriorModel(CodingModel):
         # math library is then warm, while each first call into another library costs tens of microseconds.
         models = self._coding_models()
         hidden = hidden.float()
-        y = models.analysis(hidden)
+        y, context = models.analysis(hidden)
         side = models.side_range.clamp(models.side_analysis(y))
-        context = torch.zeros(0, dtype=torch.float64)
-        if models.context_analysis is not None:
-            context = models.context_range.clamp(models.context_analysis.token_mean(hidden))
+        context = models.context_range.clamp(context)
         mean, scale_index = self._integer_mean_scale(side, context)
         half = torch.take(models.half_widths_tensor, scale_index)
         main = torch.round(y.double() - mean).clamp_(-half, half)
@@ -463,6 +461,34 @@ class _TableRange:
 
 
 @dataclass(frozen=True)
+class _Analysis:
+    """g_a and (with a context) g_c as the encoder runs them on the same tokens: one product gives g_a's
+    linear map and first MLP layer and g_c's first MLP layer; g_c's linear map acts on the mean token."""
+
+    weight: torch.Tensor  # (D, C + H_a [+ H_c])
+    bias: torch.Tensor
+    latent: FusedResidual
+    context: FusedResidual | None
+
+    @classmethod
+    def of(cls, latent: FusedResidual, context: FusedResidual | None) -> _Analysis:
+        if context is None:
+            return cls(latent.first_weight, latent.first_bias, latent, None)
+        out = context.out_dim
+        weight = torch.cat([latent.first_weight, context.first_weight[:, out:]], dim=1).contiguous()
+        return cls(weight, torch.cat([latent.first_bias, context.first_bias[out:]]), latent, context)
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, D)`` -> the latent ``(T, C)`` and the per-sequence context ``(Cc,)`` (empty without one)."""
+        first = torch.addmm(self.bias, hidden, self.weight)
+        latent_width = self.latent.first_weight.shape[1]
+        y = self.latent.finish(first[:, :latent_width])
+        if self.context is None:
+            return y, hidden.new_zeros(0)
+        return y, self.context.token_mean(hidden, first[:, latent_width:])
+
+
+@dataclass(frozen=True)
 class _IntegerSideNetwork:
     """The fixed-point h_s (Linear -> ReLU -> Linear on integers) evaluated in float64.
 
@@ -506,9 +532,8 @@ class _CodingModels:
         return torch.from_numpy(self.half_widths)
 
     # The transforms as coding runs them, the standardiser folded in.
-    analysis: FusedResidual
+    analysis: _Analysis
     side_analysis: FrozenLayers
-    context_analysis: FusedResidual | None
     synthesis: FusedResidual
 
 

@@ -179,23 +179,25 @@ class FusedResidual:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``(T, in)`` -> ``(T, out)``."""
-        return self._finish(torch.addmm(self.first_bias, x, self.first_weight))
+        return self.finish(torch.addmm(self.first_bias, x, self.first_weight))
 
     def with_shared(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """``self(cat([x, shared expanded over tokens], -1))``, ``x`` ``(T, a)``, ``shared`` ``(s,)``:
         ``shared``'s part of the first product is one vector-matrix product."""
         width = x.shape[-1]
         bias = torch.addmv(self.first_bias, self.first_weight[width:].t(), shared)
-        return self._finish(torch.addmm(bias, x, self.first_weight[:width]))
+        return self.finish(torch.addmm(bias, x, self.first_weight[:width]))
 
-    def token_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """``self(x).mean(0)``, ``(T, in)`` -> ``(out,)``: the maps outside the nonlinearity act on means."""
+    def token_mean(self, x: torch.Tensor, first_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """``self(x).mean(0)``, ``(T, in)`` -> ``(out,)``: the maps outside the nonlinearity act on means.
+        ``first_hidden``: the MLP's first product of ``x``, when the caller computed it with another."""
         out = self.out_dim
         linear = torch.addmv(self.first_bias[:out], self.first_weight[:, :out].t(), x.mean(0))
         if not len(self.last_weight):
             return linear
-        inner = self._hidden(torch.addmm(self.first_bias[out:], x, self.first_weight[:, out:])).mean(0)
-        return torch.addmv(linear, self.last_weight.t(), inner)
+        if first_hidden is None:
+            first_hidden = torch.addmm(self.first_bias[out:], x, self.first_weight[:, out:])
+        return torch.addmv(linear, self.last_weight.t(), self._hidden(first_hidden).mean(0))
 
     def _hidden(self, first_hidden: torch.Tensor) -> torch.Tensor:
         """The MLP from its first product's output to its last product's input."""
@@ -204,7 +206,8 @@ class FusedResidual:
             hidden = self.activation(torch.addmm(bias, hidden, weight))
         return hidden
 
-    def _finish(self, first: torch.Tensor) -> torch.Tensor:
+    def finish(self, first: torch.Tensor) -> torch.Tensor:
+        """The rest of the transform from its first product ``x @ first_weight + first_bias``."""
         if not len(self.last_weight):
             return first
         return torch.addmm(first[:, : self.out_dim], self._hidden(first[:, self.out_dim :]), self.last_weight)
