@@ -15,7 +15,7 @@ from splitwire.codec.errors import BitstreamError
 from splitwire.codec.factorized import FactorizedCodec, FactorizedModel
 from splitwire.codec.fitted import PcaCodec, PcaModel, UniformCodec, UniformModel
 from splitwire.codec.hyperprior import FRACTION_BITS, HyperpriorCodec, HyperpriorModel
-from splitwire.codec.learned import LearnedCodec, ResidualTransform, load_learned_codec, save_checkpoint
+from splitwire.codec.learned import LearnedCodec, ResidualTransform, TokenMLP, load_learned_codec, save_checkpoint
 
 WIDTH = 32
 SMALL_SCALES = {"scale_count": 24, "scale_max": 16.0}  # small tables keep the golden files small
@@ -276,6 +276,15 @@ def test_fused_transform_computes_the_same_function(hidden: int, layers: int) ->
         torch.testing.assert_close(wrapped.token_mean(x), expected.mean(-2), rtol=1e-5, atol=1e-4)
         shared_part = x[0, 8:]  # with_shared's shared values enter after the input map, like the tokens
         torch.testing.assert_close(wrapped.with_shared(x[:, :8], shared_part), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("hidden", "layers", "activation"), [(16, 1, "relu"), (16, 2, "gelu"), (0, 1, "gelu")])
+def test_frozen_mlp_computes_the_same_function(hidden: int, layers: int, activation: str) -> None:
+    torch.manual_seed(0)
+    mlp = TokenMLP(12, 5, hidden, layers, activation=activation)
+    x = torch.randn(7, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp.frozen()(x), mlp(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bitstream_revision_is_part_of_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
