@@ -84,7 +84,7 @@ class CodedStream:
         data = bytes(body)
         if len(data) % 4:
             data += b"\0" * (4 - len(data) % 4)
-        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32, copy=False)  # a copy only on big-endian hosts
         self._encoder = None
         try:
             self._decoder = constriction.stream.queue.RangeDecoder(words)

@@ -285,11 +285,6 @@ class HyperpriorModel(CodingModel):
             thresholds=self.scale_thresholds.double(),
         )
 
-    def _integer_mean_scale(self, side: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Side values ``(T, G)`` and context values ``(Cc,)`` (integers in float64) -> means ``(T, C)``
-        float64 and scale indices ``(T, C)``."""
-        return self._coding_models().side_network(side, context)
-
     def _symbols(self, hidden: torch.Tensor) -> _Symbols:
         # Torch until the entropy coder: the encoder runs right after the model's front blocks, whose
         # math library is then warm, while each first call into another library costs tens of microseconds.
@@ -298,7 +293,7 @@ class HyperpriorModel(CodingModel):
         y, context = models.analysis(hidden)
         side = models.side_range.clamp(models.side_analysis(y))
         context = models.context_range.clamp(context)
-        mean, scale_index = self._integer_mean_scale(side, context)
+        mean, scale_index = models.side_network(side, context)
         half = torch.take(models.half_widths_tensor, scale_index)
         main = torch.round(y.double() - mean).clamp_(-half, half)
         return _Symbols(
@@ -392,9 +387,11 @@ class HyperpriorModel(CodingModel):
             context = stream.pop_rows(TABLE_FAMILY, models.context)
             if (context >= models.context_sizes).any():
                 raise BitstreamError("a context symbol lies outside its channel's table")
-        side = np.stack([stream.pop(tokens, models.side[g]) for g in range(self.side_channels)], axis=1)
+        side = np.empty((self.side_channels, tokens), dtype=np.int32)
+        for g in range(self.side_channels):
+            side[g] = stream.pop(tokens, models.side[g])
         context_values = models.context_range.values(context)
-        mean, scale_index = self._integer_mean_scale(models.side_range.values(side), context_values)
+        mean, scale_index = models.side_network(models.side_range.values(side.T), context_values)
         order, present, sizes = self._groups(scale_index.numpy())
         indices = np.concatenate(
             [stream.pop(int(size), models.main[s]) for s, size in zip(present, sizes, strict=True)]

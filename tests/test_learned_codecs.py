@@ -236,11 +236,12 @@ def test_hyperprior_side_network_is_exact_integer_arithmetic(kind: str) -> None:
     out = (inputs @ module.hs_w1.t() + module.hs_b1).clamp_min(0) @ module.hs_w2.t() + module.hs_b2
     channels = module.channels
     expected_index = torch.searchsorted(module.scale_thresholds, out[:, channels:].contiguous())
-    mean_all, index_all = module._integer_mean_scale(z.double(), context.double())
+    side_network = module._coding_models().side_network
+    mean_all, index_all = side_network(z.double(), context.double())
     assert torch.equal(mean_all * 2.0 ** (2 * FRACTION_BITS), out[:, :channels].double())
     assert torch.equal(index_all, expected_index)
     for row in range(0, 50, 7):
-        mean_one, index_one = module._integer_mean_scale(z[row : row + 1].double(), context.double())
+        mean_one, index_one = side_network(z[row : row + 1].double(), context.double())
         assert torch.equal(mean_one[0], mean_all[row]) and torch.equal(index_one[0], index_all[row])
 
 
