@@ -115,6 +115,8 @@ class InferenceEngine:
             catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size, vocab_size=model.vocab_size)
             if self.config.codec is not None:
                 catalog.get(self.config.codec)  # fail at start-up, not on the first request
+            for codec in catalog:
+                codec.warm_up()
             cut = Cut.from_wire(model, self.config.split)
             if process is not None:
                 process.wait_ready(model.fingerprint)

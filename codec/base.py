@@ -90,6 +90,14 @@ class Codec(ABC):
         """Ideal code length of ``hidden`` under the codec's model (-log2 likelihood); real bits by default."""
         return 8.0 * len(self.encode(hidden))
 
+    def warm_up(self) -> None:
+        """Do now the one-time set-up the first encode and decode would otherwise pay for: one round trip.
+
+        Learned codecs build their coding tables and tensor programs on first use, and PyTorch sets up
+        each operator on its first call: a few milliseconds the first request need not wait for.
+        """
+        self.decode_payload(self.encode_sequence(torch.zeros(4, self.width)))
+
     def select_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
         """Which of ``(T, D)``'s tokens to send, ``(T,)`` bool; None (the default) sends all of them."""
         return None

@@ -309,6 +309,7 @@ class EdgeAgent:
         remote_codecs = {c.name: c for c in remote.codecs}
         if codec_name not in remote_codecs:
             raise EdgeError(f"server does not offer codec {codec_name}; it offers {', '.join(remote_codecs)}")
+        self.codec.warm_up()
         codec_fingerprint = self.codec.fingerprint()  # hashes a learned codec's parameters: once, not per call
         if remote_codecs[codec_name].fingerprint != codec_fingerprint:
             raise EdgeError(

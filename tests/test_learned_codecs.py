@@ -294,3 +294,10 @@ def test_bitstream_revision_is_part_of_the_fingerprint(monkeypatch: pytest.Monke
     current = codec.fingerprint()
     monkeypatch.setattr(hyperprior, "BITSTREAM_REVISION", hyperprior.BITSTREAM_REVISION - 1)
     assert codec.fingerprint() != current
+
+
+def test_warm_up_builds_the_coding_tables_before_the_first_request() -> None:
+    codec = build("hyperprior-context")
+    assert codec.module._models is None
+    codec.warm_up()
+    assert codec.module._models is not None
