@@ -82,6 +82,8 @@ class HyperpriorModel(CodingModel):
         raw_token_threshold: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 2 <= scale_count <= np.iinfo(np.int16).max:  # scale indices are sorted as 16-bit keys
+            raise ValueError(f"scale_count must be between 2 and {np.iinfo(np.int16).max}, got {scale_count}")
         self.config = {
             "width": width,
             "latent_channels": latent_channels,
