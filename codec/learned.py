@@ -324,7 +324,8 @@ class CodingModel(nn.Module):
         """Which tokens of ``(T, D)`` to send; None when the codec sends every token."""
         if self.gate is None:
             return None
-        return self.gate.keep(self.standardize(hidden.float()))
+        with torch.inference_mode():
+            return self.gate.keep(self.standardize(hidden.float()))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         # Table buffers change shape with training; size them to the checkpoint's before loading.
@@ -360,10 +361,7 @@ class LearnedCodec(Codec):
             return self.module.estimate_bits(hidden)
 
     def select_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
-        if self.module.gate is None:
-            return None
-        with torch.inference_mode():
-            return self.module.keep_mask(hidden)
+        return self.module.keep_mask(hidden)
 
     def config(self) -> dict[str, object]:
         return {**super().config(), **self.module.config}
