@@ -138,9 +138,9 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="end-to-end latency, quality, bytes and cloud compute: split codecs vs device only vs cloud only",
         description="Each sentence of --pairs STS-B dev pairs, one request at a time, from an emulated device "
-        "(one thread under a CPU quota) through an emulated link (network namespace + tbf, see "
-        "benchmarks/link.py) to a server this run starts: split + each codec, cloud only (token ids), and "
-        "the whole model on the device.",
+        "(one thread under a CPU quota) through an emulated link (network namespace with rate, delay and "
+        "loss per packet, see benchmarks/link.py) to a server this run starts: split + each codec, cloud only "
+        "(token ids), and the whole model on the device.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     compare.add_argument("--model", default=DEFAULT_MODEL)

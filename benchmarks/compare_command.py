@@ -123,6 +123,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {
         "p50": round(float(np.percentile(array, 50)), 3),
         "p90": round(float(np.percentile(array, 90)), 3),
+        "p99": round(float(np.percentile(array, 99)), 3),
         "mean": round(float(array.mean()), 3),
     }
 
@@ -186,8 +187,9 @@ def _through_link(
     device: ProcessPoolExecutor,
     configs: list[tuple[int, str | None]],
     texts: list[str],
-) -> tuple[str, list[tuple[DeviceRun, dict[str, float] | None, float]]]:
-    """Every split configuration through a server behind ``profile``; the link's mode and the runs."""
+) -> tuple[str, list[tuple[DeviceRun, dict[str, float] | None, float]], dict[str, dict[str, int]] | None]:
+    """Every split configuration through a server behind ``profile``: the link's mode, the runs, and what
+    the link did to the packets (the user-space emulator counts them; None for other links)."""
     runs = []
     with open_link(profile, allow_namespaces=not args.simulate_link) as link:
         server_arguments = [
@@ -212,7 +214,8 @@ def _through_link(
                     }
                 log.info("%s over %s: p50 %.1f ms", _label(run), profile.name, float(np.median(run.total_ms)))
                 runs.append((run, wire, server_cpu_ms))
-        return link.mode, runs
+    packets = (link.packet_counts or None) if isinstance(link, NamespaceLink) else None
+    return link.mode, runs, packets
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -242,10 +245,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         local = device.submit(_device_run, DevicePlan(texts, args.model, warmup=args.warmup)).result()
         device_row = _row(local, pairs, texts, unsplit, None, None, None)
         for profile in profiles:
-            mode, runs = _through_link(profile, args, device, configs, texts)
+            mode, runs, packets = _through_link(profile, args, device, configs, texts)
             rows = [_row(r, pairs, texts, unsplit, _link_for(mode, profile), wire, cpu) for r, wire, cpu in runs]
             rows.append(device_row)
-            links.append({"link": profile.name, "mode": mode, "rows": rows})
+            links.append({"link": profile.name, "mode": mode, "packets": packets, "rows": rows})
             _print_table(profile.name, mode, rows)
         device_description = cgroup.describe()
     result = {
@@ -273,7 +276,7 @@ def _print_table(link: str, mode: str, rows: list[dict[str, object]]) -> None:
     """The link's rows as the Markdown table the README shows."""
     print(f"\n**{link}** ({mode})\n")
     print(
-        "| configuration | end to end p50 (p90), ms | device, ms | network + server, ms | payload, B "
+        "| configuration | end to end p50 (p90 / p99), ms | device, ms | network + server, ms | payload, B "
         "| on the wire up / down, B | server CPU, ms | Spearman (of unsplit) |"
     )
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
@@ -282,7 +285,8 @@ def _print_table(link: str, mode: str, rows: list[dict[str, object]]) -> None:
         wire, cpu = row["wire_bytes_per_request"], row["server_cpu_ms_per_request"]
         on_wire = "-" if wire is None else f"{wire['up']:,.0f} / {wire['down']:,.0f}"  # type: ignore[index]
         print(
-            f"| {row['config']} | {latency['p50']:.1f} ({latency['p90']:.1f}) | {device['p50']:.1f} "  # type: ignore[index]
+            f"| {row['config']} | {latency['p50']:.1f} ({latency['p90']:.1f} / {latency['p99']:.1f}) "  # type: ignore[index]
+            f"| {device['p50']:.1f} "  # type: ignore[index]
             f"| {network['p50']:.1f} | {row['payload_bytes_per_request']:,.0f} "  # type: ignore[index]
             f"| {on_wire} "
             f"| {'-' if cpu is None else f'{cpu:.1f}'} "

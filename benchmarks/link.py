@@ -2,44 +2,42 @@
 
 ::
 
-    client (this namespace) --[delay relay]--> veth a ==tbf==> veth b (namespace sw-PID) --> server
-                            <--[delay relay]-- veth a <==tbf== veth b
+    client (this namespace) ==link==> (namespace sw-link-PID) server
+                            <==link==
 
 With namespaces permitted (root or CAP_NET_ADMIN), :class:`NamespaceLink` creates a network namespace for
-the server and a veth pair between it and this namespace, on a private /30 that never leaves the machine.
-Bandwidth is shaped by ``tbf`` on both ends (each direction gets the full rate, like a symmetric link).
-Delay and loss come from ``netem`` when the kernel has it; without it (some container kernels ship no
-``sch_netem``) a relay process delays every byte by half the round trip in each direction, and loss
-cannot be emulated: :attr:`NamespaceLink.mode` says which.
+the server, joined to this one on a private /30 that never leaves the machine, in one of two ways:
+
+* the kernel has ``sch_netem``: a veth pair, each end's egress shaped by ``tbf`` (each direction gets the
+  full rate, like a symmetric link) under ``netem`` for the one-way delay and the loss;
+* it has not (some container kernels ship none): a pair of tun devices with a user-space emulator
+  between them (:mod:`splitwire.benchmarks.tun_link`) that applies rate, delay and loss per packet.
+
+Either way the packets themselves are delayed, shaped and dropped, so TCP on both sides sees the link
+as it is. :attr:`NamespaceLink.mode` says which.
 
 When namespaces are not permitted, :class:`SimulatedLink` leaves the server on loopback and the caller
 adds ``transmission_s(bytes up, bytes down)`` = bytes x 8 / bandwidth + round trip to each measured
 time; results carry ``mode = "simulated"`` so nobody mistakes them for a shaped link.
-
-``python -m splitwire.benchmarks.link relay --listen 127.0.0.1:0 --target H:P --delay-ms D`` runs the relay
-on its own (it prints ``relaying PORT``).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from types import TracebackType
 
 log = logging.getLogger(__name__)
 
-# Frames on the emulated link: 576 bytes, the datagram every IPv4 host must accept, keeps the one frame
+# Frames on the veth link: 576 bytes, the datagram every IPv4 host must accept, keeps the one frame
 # a token bucket lets through unshaped short (4.8 ms at 1 Mbit/s instead of 12 ms with 1,500).
 LINK_MTU = 576
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
@@ -129,14 +127,23 @@ class NamespaceLink:
         network = ipaddress.ip_network(f"10.{200 + tag // 16384 % 50}.{(tag // 64) % 256}.{(tag % 64) * 4}/30")
         self.near_address, self.far_address = (str(a) for a in network.hosts())
         self.mode = ""
-        self._relays: list[subprocess.Popen[str]] = []
+        self.packet_counts: dict[str, dict[str, int]] = {}  # the tun emulator's, once torn down
+        self._emulator: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> NamespaceLink:
         try:
-            self._set_up()
+            _ip("netns", "add", self.namespace)
+            _ip("-n", self.namespace, "link", "set", "lo", "up")
+            if self._netem_available():
+                self._set_up_veth()
+                self.mode = "netns+veth+tbf+netem"
+            else:
+                self._set_up_tun()
+                self.mode = "netns+tun, rate/delay/loss by a user-space packet emulator (no netem in this kernel)"
         except BaseException:
             self._tear_down()
             raise
+        log.info("link %s up: %s, server side %s in %s", self.profile.name, self.mode, self.far_address, self.namespace)
         return self
 
     def __exit__(
@@ -144,8 +151,24 @@ class NamespaceLink:
     ) -> None:
         self._tear_down()
 
-    def _set_up(self) -> None:
-        _ip("netns", "add", self.namespace)
+    @property
+    def _queue_bytes(self) -> int:
+        """Each direction queues a second of traffic (at least 64 full frames): a burst of requests
+        waits rather than being dropped."""
+        return max(64 * 1514, int(self.profile.bandwidth_bps / 8))
+
+    def _netem_available(self) -> bool:
+        """Try netem on the namespace's loopback (some container kernels have no sch_netem)."""
+        tried = subprocess.run(
+            ["tc", "-n", self.namespace, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            capture_output=True,
+        )
+        if tried.returncode != 0:
+            return False
+        _tc("-n", self.namespace, "qdisc", "del", "dev", "lo", "root")
+        return True
+
+    def _set_up_veth(self) -> None:
         _ip("link", "add", self.near_device, "type", "veth", "peer", "name", self._far, "netns", self.namespace)
         _ip("link", "set", self.near_device, "mtu", str(LINK_MTU))
         _ip("-n", self.namespace, "link", "set", self._far, "mtu", str(LINK_MTU))
@@ -153,53 +176,53 @@ class NamespaceLink:
         _ip("link", "set", self.near_device, "up")
         _ip("-n", self.namespace, "addr", "add", f"{self.far_address}/30", "dev", self._far)
         _ip("-n", self.namespace, "link", "set", self._far, "up")
-        _ip("-n", self.namespace, "link", "set", "lo", "up")
-        netem = self._netem_available()
         for namespace, device in ((None, self.near_device), (self.namespace, self._far)):
-            self._shape(namespace, device, netem)
-        self.mode = "netns+tbf+netem" if netem else "netns+tbf, delay by relay (no netem in this kernel)"
-        if not netem and self.profile.loss:
-            raise RuntimeError("packet loss needs netem, which this kernel lacks; use a profile without loss")
-        log.info("link %s up: %s, server side %s in %s", self.profile.name, self.mode, self.far_address, self.namespace)
+            self._shape(namespace, device)
 
-    def _netem_available(self) -> bool:
-        """Try netem on the near device (some container kernels have no sch_netem)."""
-        tried = subprocess.run(
-            ["tc", "qdisc", "add", "dev", self.near_device, "root", "netem", "delay", "1ms"], capture_output=True
-        )
-        if tried.returncode != 0:
-            return False
-        _tc("qdisc", "del", "dev", self.near_device, "root")
-        return True
-
-    def _shape(self, namespace: str | None, device: str, netem: bool) -> None:
-        """Egress of ``device``: tbf at the link rate, below netem's one-way delay and loss when present."""
+    def _shape(self, namespace: str | None, device: str) -> None:
+        """Egress of ``device``: netem's one-way delay and loss, tbf at the link rate below it."""
         prefix = ["-n", namespace] if namespace else []
         rate = f"{int(self.profile.bandwidth_bps)}bit"
         # A token bucket lets its size through at once after an idle spell, so it holds one frame (or
         # 0.1 ms of traffic on fast links) and frames are small (LINK_MTU): a small request still pays
-        # nearly its whole serialisation time. The queue holds a second of traffic, so a burst of
-        # requests waits rather than being dropped.
+        # nearly its whole serialisation time.
         burst = max(LINK_MTU + 24, int(self.profile.bandwidth_bps / 8 / 10_000))
-        limit = max(64 * 1514, int(self.profile.bandwidth_bps / 8))
-        tbf = ["tbf", "rate", rate, "burst", str(burst), "limit", str(limit)]
-        if netem:
-            one_way = f"{self.profile.rtt_s * 500:.3f}ms"
-            netem_args = ["netem", "delay", one_way, "limit", "100000"]
-            if self.profile.loss:
-                netem_args += ["loss", f"{self.profile.loss * 100:g}%"]
-            _tc(*prefix, "qdisc", "add", "dev", device, "root", "handle", "1:", *netem_args)
-            _tc(*prefix, "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", *tbf)
-        else:
-            _tc(*prefix, "qdisc", "add", "dev", device, "root", *tbf)
+        tbf = ["tbf", "rate", rate, "burst", str(burst), "limit", str(self._queue_bytes)]
+        netem = ["netem", "delay", f"{self.profile.rtt_s * 500:.3f}ms", "limit", "100000"]
+        if self.profile.loss:
+            netem += ["loss", f"{self.profile.loss * 100:g}%"]
+        _tc(*prefix, "qdisc", "add", "dev", device, "root", "handle", "1:", *netem)
+        _tc(*prefix, "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", *tbf)
+
+    def _set_up_tun(self) -> None:
+        self._emulator = subprocess.Popen(
+            [sys.executable, "-m", "splitwire.benchmarks.tun_link", "--near", self.near_device, "--far", self._far,
+             "--rate-bps", str(self.profile.bandwidth_bps), "--delay-ms", str(self.profile.rtt_s * 500),
+             "--loss", str(self.profile.loss), "--queue-bytes", str(self._queue_bytes)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self._emulator.stdout is not None
+        line = self._emulator.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the packet emulator did not start (exit {self._emulator.poll()}): {line!r}")
+        _ip("link", "set", self._far, "netns", self.namespace)
+        _ip("addr", "add", self.near_address, "peer", self.far_address, "dev", self.near_device)
+        _ip("link", "set", self.near_device, "up")
+        _ip("-n", self.namespace, "addr", "add", self.far_address, "peer", self.near_address, "dev", self._far)
+        _ip("-n", self.namespace, "link", "set", self._far, "up")
 
     def _tear_down(self) -> None:
-        for relay in self._relays:
-            relay.terminate()
+        if self._emulator is not None:
+            self._emulator.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                relay.wait(timeout=5)
-        self._relays.clear()
-        # Deleting the namespace deletes the veth pair with it.
+                out, _ = self._emulator.communicate(timeout=5)
+                with contextlib.suppress(ValueError):
+                    self.packet_counts = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+            if self._emulator.poll() is None:
+                self._emulator.kill()
+                self._emulator.wait()
+            self._emulator = None
+        # Deleting the namespace deletes the far device with it; the tun devices go with the emulator.
         subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
         subprocess.run(["ip", "link", "del", self.near_device], capture_output=True)
 
@@ -209,21 +232,7 @@ class NamespaceLink:
 
     def client_address(self, server_port: int) -> str:
         """What the client dials to reach a server listening on ``far_address:server_port`` through the link."""
-        target = f"{self.far_address}:{server_port}"
-        if self.mode.startswith("netns+tbf+netem"):
-            return target
-        relay = subprocess.Popen(
-            [sys.executable, "-m", "splitwire.benchmarks.link", "relay", "--listen", "127.0.0.1:0",
-             "--target", target, "--delay-ms", str(self.profile.rtt_s * 500)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self._relays.append(relay)
-        assert relay.stdout is not None
-        line = relay.stdout.readline()
-        match = re.match(r"relaying (\d+)", line)
-        if match is None:
-            raise RuntimeError(f"the delay relay did not start: {line!r}")
-        return f"127.0.0.1:{match.group(1)}"
+        return f"{self.far_address}:{server_port}"
 
 
 class SimulatedLink:
@@ -256,76 +265,3 @@ def open_link(profile: LinkProfile, allow_namespaces: bool = True) -> NamespaceL
             return NamespaceLink(profile)
         log.warning("network namespaces not permitted (%s): simulating the link", why)
     return SimulatedLink(profile)
-
-
-# -- the delay relay ----------------------------------------------------------------------------
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
-    """Forward bytes from ``reader`` to ``writer``, each chunk ``delay_s`` after it arrived, in order."""
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-    async def deliver() -> None:
-        while True:
-            due, chunk = await queue.get()
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            if not chunk:
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
-                return
-            writer.write(chunk)
-            await writer.drain()
-
-    delivery = asyncio.create_task(deliver())
-    try:
-        while True:
-            chunk = await reader.read(65536)
-            await queue.put((time.monotonic() + delay_s, chunk))
-            if not chunk:
-                break
-        await delivery
-    except (ConnectionError, OSError):
-        delivery.cancel()
-
-
-async def _relay(listen: str, target: str, delay_s: float) -> None:
-    target_host, target_port = target.rsplit(":", 1)
-
-    async def connection(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        try:
-            server_reader, server_writer = await asyncio.open_connection(target_host, int(target_port))
-        except OSError:
-            client_writer.close()
-            return
-        for writer in (client_writer, server_writer):
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(
-            _pump(client_reader, server_writer, delay_s),
-            _pump(server_reader, client_writer, delay_s),
-            return_exceptions=True,
-        )
-        for writer in (client_writer, server_writer):
-            writer.close()
-
-    host, port = listen.rsplit(":", 1)
-    server = await asyncio.start_server(connection, host, int(port))
-    print(f"relaying {server.sockets[0].getsockname()[1]}", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m splitwire.benchmarks.link", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    relay = sub.add_parser("relay", help="forward TCP connections, delaying each direction by --delay-ms")
-    relay.add_argument("--listen", default="127.0.0.1:0")
-    relay.add_argument("--target", required=True, metavar="HOST:PORT")
-    relay.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_relay(args.listen, args.target, args.delay_ms / 1000.0))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -86,7 +86,7 @@ def _exchange(address: str, sizes: list[int]) -> list[float]:
 def test_namespace_link_delays_and_shapes_then_leaves_nothing_behind() -> None:
     profile = LinkProfile.parse("1mbit/60ms")
     with open_link(profile) as link:
-        assert isinstance(link, NamespaceLink) and link.mode.startswith("netns+tbf")
+        assert isinstance(link, NamespaceLink) and link.mode.startswith("netns+")
         server = subprocess.Popen(
             link.wrap([sys.executable, "-c", ECHO_SERVER, link.far_address]), stdout=subprocess.PIPE, text=True
         )
@@ -101,6 +101,52 @@ def test_namespace_link_delays_and_shapes_then_leaves_nothing_behind() -> None:
     assert large >= 0.06 + 25_000 * 8 / 1e6 * 0.9  # plus the payload at 1 Mbit/s (tbf's burst lets a little by)
     assert namespace not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["ip", "link", "show", device], capture_output=True).returncode != 0
+
+
+UDP_COUNTER = """
+import socket, sys
+receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+receiver.bind((sys.argv[1], 0))
+receiver.settimeout(2.0)
+print(receiver.getsockname()[1], flush=True)
+count = 0
+try:
+    while True:
+        receiver.recv(2048)
+        count += 1
+except TimeoutError:
+    print(count, flush=True)
+"""
+
+
+@pytest.mark.skipif(not PERMITTED, reason=f"network namespaces not permitted here: {WHY_NOT}")
+def test_namespace_link_loses_packets_and_tcp_recovers() -> None:
+    sent = 1000
+    with open_link(LinkProfile.parse("100mbit/10ms/20%")) as link:
+        counter = subprocess.Popen(
+            link.wrap([sys.executable, "-c", UDP_COUNTER, link.far_address]), stdout=subprocess.PIPE, text=True
+        )
+        echo = subprocess.Popen(
+            link.wrap([sys.executable, "-c", ECHO_SERVER, link.far_address]), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            port = int(counter.stdout.readline())
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                for _ in range(sent):
+                    sender.sendto(bytes(100), (link.far_address, port))
+                    time.sleep(0.0002)  # 0.6 Mbit/s: well under the rate, so only the loss drops any
+            received = int(counter.stdout.readline())
+            # TCP retransmits what the link loses: a 200 kB exchange still completes.
+            (exchanged,) = _exchange(link.client_address(int(echo.stdout.readline())), [200_000])
+        finally:
+            for process in (counter, echo):
+                process.kill()
+                process.wait()
+    # 1000 datagrams at 20% loss: 800 expected, standard deviation 12.6.
+    assert 700 <= received <= 900, received
+    assert exchanged >= 0.01 + 200_000 * 8 / 1e8
+    if link.packet_counts:  # the user-space emulator counts what it did
+        assert link.packet_counts["up"]["lost"] >= sent - received
 
 
 def test_compare_runs_every_configuration_through_a_started_server(tmp_path: Path) -> None:
@@ -127,5 +173,7 @@ def test_compare_runs_every_configuration_through_a_started_server(tmp_path: Pat
         assert row["latency_ms"]["p50"] > 0
         if name != "device only (whole model)":
             assert row["network_and_server_ms"]["p50"] >= 20.0  # the link's round trip, emulated either way
+    if link["mode"].startswith("netns+tun"):  # the user-space emulator reports what it forwarded
+        assert link["packets"]["up"]["delivered"] > 0 and link["packets"]["down"]["delivered"] > 0
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert "**100mbit/20ms**" in done.stdout and "| split 2 + fp16 |" in done.stdout
