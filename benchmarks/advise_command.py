@@ -14,7 +14,7 @@ given link, within a quality budget, with the table it decided from.
 Every time is the mean over the first ``--sentences`` STS-B dev sentences, one request at a time
 (batch 1), so it predicts what ``splitwire-bench compare`` measures. Bytes up are the payload
 (bits per token from the rd run x the sentences' mean token count) plus the framing a request costs on
-the wire; bytes down are the answer plus its framing (``WIRE_FRAMING_BYTES``). Beside the split
+the wire; bytes down are the answer plus its framing (:func:`wire_bytes`). Beside the split
 candidates from the rd file come the two ways of not splitting: cloud only (``token-ids``, exact) and
 device only (nothing sent, nothing computed in the cloud).
 """
@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,12 +38,24 @@ from splitwire.split.models import LoadedModel, ModelFamily
 
 log = logging.getLogger(__name__)
 
-# Bytes a request and its answer add on the wire beyond the payload and the answer themselves (TCP/IP
-# and HTTP/2 framing, gRPC metadata with the two fingerprints, ACKs), as the veth counters showed in
-# `splitwire-bench compare` (results/compare_minilm.json: 462 bytes up for a 79-byte payload, 1,854
-# down for a 1,545-byte answer).
-WIRE_FRAMING_BYTES = {"up": 383, "down": 309}
+# Bytes a one-packet request and its answer add on the wire beyond the payload and the answer (TCP/IP
+# and HTTP/2 framing, gRPC metadata with the two fingerprints, ACKs), as the emulated link's counters
+# showed in `splitwire-bench compare` (results/compare_minilm.json: 412 bytes up for the learned
+# codec's 71-byte payload, 1,820 down for a 1,552-byte answer). A larger request adds the IP and TCP
+# headers of each further packet, and the server's ACK of every second one (fp16: 7,231 bytes of
+# payload, 7,847 up and 1,954 down; the model gives 7,832 and 1,924).
+WIRE_FRAMING_BYTES = {"up": 341, "down": 268}
+SEGMENT_BYTES = 1448  # TCP payload of a 1,500-byte packet with timestamps
+SEGMENT_HEADER_BYTES = 52  # its IP and TCP headers
 REPEATS = 10
+
+
+def wire_bytes(payload: float, answer: float) -> tuple[float, float]:
+    """Bytes on the wire up and down for one request of ``payload`` bytes and its ``answer``."""
+    up = payload + WIRE_FRAMING_BYTES["up"]
+    further_packets = math.ceil(up / SEGMENT_BYTES) - 1
+    up += SEGMENT_HEADER_BYTES * further_packets
+    return up, answer + WIRE_FRAMING_BYTES["down"] + SEGMENT_HEADER_BYTES * (further_packets // 2)
 
 
 @dataclass(frozen=True)
@@ -190,8 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     for candidate in candidates:
         key = f"{candidate.codec}@{candidate.split}"
         if candidate.codec:
-            up = candidate.bits_per_token * tokens / 8 + WIRE_FRAMING_BYTES["up"]
-            down = answer_bytes + WIRE_FRAMING_BYTES["down"]
+            up, down = wire_bytes(candidate.bits_per_token * tokens / 8, answer_bytes)
             link_ms = 1000 * profile.transmission_s(int(up), int(down))
             if candidate.codec == TOKEN_IDS_CODEC:  # the edge only tokenises; the cloud embeds
                 device_ms = device.tokenize + encode[key]
