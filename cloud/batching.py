@@ -48,10 +48,13 @@ class _Pending(Generic[Key, Item, Result]):
     enqueued: float = field(default_factory=time.monotonic)
 
 
-Compute = Callable[[Key, Sequence[Item]], Awaitable[Sequence[Result]]]
+# One result per item; an exception in an item's place fails that item's caller only.
+Compute = Callable[[Key, Sequence[Item]], Awaitable[Sequence[Result | Exception]]]
 
 
-def on_executor(executor: Executor, run_batch: Callable[[Key, Sequence[Item]], Sequence[Result]]) -> Compute:
+def on_executor(
+    executor: Executor, run_batch: Callable[[Key, Sequence[Item]], Sequence[Result | Exception]]
+) -> Compute:
     """A blocking ``run_batch(key, items) -> results`` as a Batcher compute function running on ``executor``."""
 
     async def compute(key: Key, items: Sequence[Item]) -> Sequence[Result]:
@@ -189,7 +192,8 @@ class Batcher(Generic[Key, Item, Result]):
             raise
 
     async def _run_group(self, key: Key, group: list[_Pending[Key, Item, Result]]) -> None:
-        """Run one batch; every caller gets its result or the batch's exception. Never raises."""
+        """Run one batch; every caller gets its result, or its own exception where ``compute`` returned one
+        in its place, or the batch's exception. Never raises."""
         started = time.monotonic()
         try:
             results = await self._compute(key, [p.item for p in group])
@@ -206,7 +210,11 @@ class Batcher(Generic[Key, Item, Result]):
         if self._on_batch is not None:
             self._on_batch(len(group))
         for pending, result in zip(group, results, strict=True):
-            if not pending.future.done():
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):  # this item alone failed (e.g. its payload did not decode)
+                pending.future.set_exception(result)
+            else:
                 pending.future.set_result((result, BatchTiming(started - pending.enqueued, compute_s, len(group))))
 
 
