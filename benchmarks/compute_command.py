@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from splitwire.benchmarks import workload
-from splitwire.cloud.back import BackJob
+from splitwire.cloud.back import BackJob, kept_positions
 from splitwire.cloud.config import ComputeMode, ServerConfig, default_torch_threads
 from splitwire.cloud.engine import InferenceEngine
 from splitwire.codec.base import Codec
@@ -50,11 +50,11 @@ class ComputeResult:
 
 
 def decode_jobs(codec: Codec, payloads: list[bytes]) -> list[BackJob]:
-    """What the server's decode stage hands the batcher for each payload."""
+    """What decoding hands the back half for each payload."""
     jobs = []
     for payload in payloads:
         header, hidden = codec.decode_payload(payload)
-        jobs.append(BackJob(hidden, torch.from_numpy(np.flatnonzero(header.kept_mask()))))
+        jobs.append(BackJob(hidden, kept_positions(header)))
     return jobs
 
 

@@ -106,7 +106,7 @@ SERVE_OPTIONS = OptionSet(
             "N",
         ),
         Option(
-            "--decode-threads", int, _DEFAULT.decode_threads, "threads decoding payloads beside the compute thread", "N"
+            "--decode-threads", int, _DEFAULT.decode_threads, "threads decoding generation steps too costly for the event loop", "N"
         ),
         Option(
             "--compute",

@@ -2,8 +2,8 @@
 
 ::
 
-    event loop --submit(cut, jobs)--> outbox --sender thread--pipe: cut, [(hidden, positions)]--> child
-    future <--------------------------------- receiver thread <--pipe: [Answer] | error text------ BackHalf.run
+    event loop --submit(cut, jobs)--> outbox --sender thread--pipe: cut, [(codec, header, body)]--> child
+    future <------------------------- receiver thread <--pipe: [Answer | error] | error text--- BackHalf.run_coded
 
 Running a Hugging Face module spends much of its time in Python between tensor operations, holding
 the GIL; so does gRPC's request handling on the event loop. In one process the two take turns: a loop
@@ -11,7 +11,10 @@ busy a quarter of the time slows compute by about a third. In a child process co
 interpreter to itself. Batches are pipelined: the next one is sent while the child computes the
 current one, so the child never waits for the server between batches. Answers come back in order.
 
-The child loads the same model by name and must report the same fingerprint. It ignores SIGINT and
+Payloads are decoded in the child, next to the back half: the server's loop only parses their headers,
+and what crosses the pipe is the payloads, not hidden states a few hundred times their size.
+
+The child loads the same model and codecs by name and must report the same fingerprints. It ignores SIGINT and
 SIGTERM (the server drains first, then stops it) and exits on a stop message or when the pipe closes.
 A child that dies fails the batches it held; the next batch starts another.
 """
@@ -32,7 +35,7 @@ from multiprocessing.process import BaseProcess
 
 import numpy as np
 import torch
-from splitwire.cloud.back import Answer, BackHalf, BackJob
+from splitwire.cloud.back import Answer, BackHalf, BackJob, CodedJob
 from splitwire.split.cut import Cut
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0  # loading a large model from disk can take minutes
 STOP_TIMEOUT_S = 10.0
 
-Batch = concurrent.futures.Future  # of list[Answer]
+Batch = concurrent.futures.Future  # of list[Answer] (or list[Answer | Exception] for coded jobs)
+DecodedArrays = tuple[np.ndarray, np.ndarray]  # a decoded job as it crosses the pipe: hidden, positions
 
 
 class ComputeProcessError(RuntimeError):
@@ -72,11 +76,12 @@ class ComputeProcess:
         self.model = model
         self.torch_threads = torch_threads
         self.fingerprint: str | None = None  # what every child must report; set by the first wait_ready()
+        self.codec_fingerprints: dict[str, str] | None = None  # likewise, per codec
         self._context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
         self._child: _Child | None = None
-        self._outbox: queue.SimpleQueue[tuple[Batch, Cut, list[tuple[np.ndarray, np.ndarray]]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._outbox: queue.SimpleQueue[
+            tuple[Batch, Cut, list[CodedJob] | list[tuple[np.ndarray, np.ndarray]]] | None
+        ] = queue.SimpleQueue()
         self._sender: threading.Thread | None = None
 
     @property
@@ -89,22 +94,34 @@ class ComputeProcess:
         """Start the child; it loads the model meanwhile. Call :meth:`wait_ready` before :meth:`submit`."""
         self._child = self._spawn()
 
-    def wait_ready(self, expected_fingerprint: str | None = None) -> None:
-        """Wait until the child's model is loaded and warm; refuse one with another fingerprint."""
+    def wait_ready(
+        self, expected_fingerprint: str | None = None, expected_codecs: dict[str, str] | None = None
+    ) -> None:
+        """Wait until the child's model and codecs are loaded and warm; refuse one whose model or codec
+        fingerprints differ from the expected ones."""
         assert self._child is not None, "spawn() first"
+        self.codec_fingerprints = expected_codecs
         self._wait_ready(self._child, expected_fingerprint)
         self._sender = threading.Thread(target=self._send_loop, name="splitwire-compute-send", daemon=True)
         self._sender.start()
 
-    def submit(self, cut: Cut, jobs: Sequence[BackJob]) -> Batch:
-        """Queue a batch for the child; the future resolves to one :class:`Answer` per job. Never blocks."""
+    def submit(self, cut: Cut, jobs: Sequence[CodedJob] | Sequence[BackJob]) -> Batch:
+        """Queue a batch for the child; the future resolves to what ``BackHalf.run_coded`` (coded jobs)
+        or ``BackHalf.run`` (decoded ones) returns. Never blocks."""
         future: Batch = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        self._outbox.put((future, cut, [(job.hidden.numpy(), job.positions.numpy()) for job in jobs]))
+        if all(isinstance(job, CodedJob) for job in jobs):
+            self._outbox.put((future, cut, list(jobs)))
+        else:
+            self._outbox.put((future, cut, [(job.hidden.numpy(), job.positions.numpy()) for job in jobs]))
         return future
 
     def run(self, cut: Cut, jobs: Sequence[BackJob]) -> list[Answer]:
         """:meth:`submit` and wait: the same contract as ``BackHalf.run``."""
+        return self.submit(cut, jobs).result()
+
+    def run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
+        """:meth:`submit` and wait: the same contract as ``BackHalf.run_coded``."""
         return self.submit(cut, jobs).result()
 
     def close(self) -> None:
@@ -189,13 +206,21 @@ class ComputeProcess:
         if kind != "ready":
             _kill(child)
             raise ComputeProcessError(f"compute process could not load {self.model}: {detail}")
-        if expected_fingerprint and detail != expected_fingerprint:
+        fingerprint, codecs = detail
+        if expected_fingerprint and fingerprint != expected_fingerprint:
             _kill(child)
             raise ComputeProcessError(
-                f"compute process loaded {self.model} with fingerprint {detail}, the server has "
+                f"compute process loaded {self.model} with fingerprint {fingerprint}, the server has "
                 f"{expected_fingerprint}: the model changed on disk while starting; restart the server"
             )
-        self.fingerprint = detail
+        if self.codec_fingerprints is not None and codecs != self.codec_fingerprints:
+            _kill(child)
+            differ = sorted({name for name, _ in set(codecs.items()) ^ set(self.codec_fingerprints.items())})
+            raise ComputeProcessError(
+                f"compute process loaded codecs that differ from the server's ({', '.join(differ)}): "
+                "the checkpoints changed on disk while starting; restart the server"
+            )
+        self.fingerprint = fingerprint
         threading.Thread(target=self._receive_loop, args=(child,), name="splitwire-compute-recv", daemon=True).start()
         log.info("compute process %d ready with %s", child.process.pid, self.model)
 
@@ -228,18 +253,22 @@ def _child_main(conn: Connection, model_name: str, torch_threads: int | None) ->
     """The child: load, report ready, then answer batches in order until told to stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the server drains in-flight work first
+    from splitwire.codec.catalog import CodecCatalog
     from splitwire.split.models import load_model
 
     try:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model = load_model(model_name)
-        back = BackHalf(model)
+        catalog = CodecCatalog.for_model(model.fingerprint, model.hidden_size, vocab_size=model.vocab_size)
+        for codec in catalog:
+            codec.warm_up()
+        back = BackHalf(model, catalog)
         back.warm_up(Cut.from_wire(model, None))
     except Exception as exc:  # reported to the parent, which names it in its error
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", model.fingerprint))
+    conn.send(("ready", (model.fingerprint, {codec.name: codec.fingerprint() for codec in catalog})))
     while True:
         try:
             message = conn.recv()
@@ -247,10 +276,13 @@ def _child_main(conn: Connection, model_name: str, torch_threads: int | None) ->
             return
         if message is None:
             return
-        _, cut, arrays = message
-        jobs = [BackJob(torch.from_numpy(np.asarray(h)), torch.from_numpy(np.asarray(p))) for h, p in arrays]
+        _, cut, jobs = message
         try:
-            reply: tuple[str, object] = ("ok", back.run(cut, jobs))
+            if all(isinstance(job, CodedJob) for job in jobs):
+                reply: tuple[str, object] = ("ok", back.run_coded(cut, jobs))
+            else:
+                decoded = [BackJob(torch.from_numpy(np.asarray(h)), torch.from_numpy(np.asarray(p))) for h, p in jobs]
+                reply = ("ok", back.run(cut, decoded))
         except Exception as exc:  # one bad batch must not take the child down
             reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(reply)

@@ -40,7 +40,7 @@ class ServerConfig:
     session_idle_timeout_s: float = 120.0  # a stream sending nothing this long is closed and its state freed
     grace_seconds: float = 10.0
     torch_threads: int | None = None  # None: leave torch's setting alone (the CLI passes default_torch_threads())
-    decode_threads: int = 1  # threads decoding payloads too costly for the event loop
+    decode_threads: int = 1  # threads decoding generation steps too costly for the event loop
     compute: ComputeMode = ComputeMode.PROCESS
     tls_cert: Path | None = None  # PEM; with tls_key, the server speaks TLS only
     tls_key: Path | None = None

@@ -1,20 +1,20 @@
-"""Where a payload is decoded: on the event loop when that is cheap, on a decode thread when not.
+"""Where a generation step's payload is decoded: on the event loop when that is cheap, on a decode
+thread when not. (Infer payloads are decoded in the batch, where the back half runs: cloud/back.py.)
 
 A hop to a thread buys no parallelism for decoders that hold the GIL (Python, small torch and numpy
 calls), and under load it costs more than it saves: the decode thread gives the GIL up at every short
-native call and then waits for the busy event loop to hand it back. Measured with ``splitwire-bench
-load`` at the defaults (MiniLM split 5, the hyperprior codec, about 0.7 ms per sentence), decoding
-inline served 15-25% more requests with lower latency than decoding on the thread (the A/B is in
-the README, Benchmarks: compute and load). So each codec's
-cost per token is learned as requests go by (every successful decode's CPU time is measured on the
-thread that ran it, so waiting for the GIL or for the executor does not count), and a payload whose
-predicted decode time is under ``inline_budget_s`` (2 ms: the longest the loop may stall for one
-payload) is decoded inline; anything larger or slower (long prompts through a learned codec, megabyte
-payloads) goes to the executor and never stalls the loop for longer. The cost is predicted from the
-token count the header claims, not from the payload's size: an entropy-coded payload can claim many
-tokens in few bytes, and its decoding time follows the tokens. Until a codec has decoded a few
-payloads, its payloads go to the executor. Refused payloads teach nothing: they usually fail in the
-header, and must not make a codec look cheaper than it is.
+native call and then waits for the busy event loop to hand it back. When Infer payloads were still
+decoded on the server's process, decoding them inline served 15-25% more requests with lower latency
+than decoding on the thread (``splitwire-bench load`` A/B at MiniLM's defaults). So each codec's cost
+per token is learned as payloads go by (every successful decode's CPU time is measured on the thread
+that ran it, so waiting for the GIL or for the executor does not count), and a payload whose predicted
+decode time is under ``inline_budget_s`` (2 ms: the longest the loop may stall for one payload) is
+decoded inline; anything larger or slower (long prompts through a learned codec, megabyte payloads)
+goes to the executor and never stalls the loop for longer. The cost is predicted from the token count
+the header claims, not from the payload's size: an entropy-coded payload can claim many tokens in few
+bytes, and its decoding time follows the tokens. Until a codec has decoded a few payloads, its payloads
+go to the executor. Refused payloads teach nothing: they usually fail in the header, and must not make
+a codec look cheaper than it is.
 """
 
 from __future__ import annotations

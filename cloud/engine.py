@@ -2,8 +2,9 @@
 
 ::
 
-    payload --codec.parse_payload, DecodePlacer: codec.decode_body--> (T_kept, D) --Batcher--> compute thread
-        --BackHalf here, or ComputeProcess in a child--> blocks [k, L) + head --> answer
+    payload --codec.parse_payload (event loop)--> header + body --Batcher--> BackHalf.run_coded, in a
+        compute process (ComputeProcess) or on the compute thread: decode each body to (T_kept, D),
+        blocks [k, L) + head on the batch --> answer
 
 Lifecycle: ``load()`` (blocking: weights, codecs, compute process, warm-up) -> ``ready`` -> ``start()``
 on the event loop -> ``infer()`` many times -> ``drain()`` -> ``stop()``.
@@ -14,9 +15,13 @@ are not batched: each runs alone on the compute thread of this process (also whe
 compute process, whose copy of the model keeps no caches). Sessions are bounded by ``max_sessions``
 (one per stream) and by the servicer's idle timeout; the cache is freed whatever ends the session.
 
-Admission: a request is admitted only while fewer than ``max_queue`` requests wait (being decoded or
-queued for a batch); past that it is refused at once with RESOURCE_EXHAUSTED, before its payload is
-decoded, so waiting work and its memory stay bounded.
+The event loop only parses a payload's header (checking its claims against the limits); the body is
+decoded where the back half runs, so the loop's core serves gRPC. Generation steps, which run one at
+a time in this process, are decoded on the loop or a decode thread (:class:`DecodePlacer`).
+
+Admission: a request is admitted only while fewer than ``max_queue`` requests wait for a batch; past
+that it is refused at once with RESOURCE_EXHAUSTED, before its payload is decoded, so waiting work
+and its memory stay bounded.
 """
 
 from __future__ import annotations
@@ -30,10 +35,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from splitwire.cloud import metrics
-from splitwire.cloud.back import Answer, BackHalf, BackJob
+from splitwire.cloud.back import Answer, BackHalf, BackJob, CodedJob, decode_hidden
 from splitwire.cloud.batching import Batcher, Compute, on_executor
 from splitwire.cloud.compute_process import ComputeProcess
 from splitwire.cloud.config import ComputeMode, ServerConfig
@@ -88,8 +92,7 @@ class InferenceEngine:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitwire-compute")
         self._decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="splitwire-decode")
         self._placer = DecodePlacer(self._decode_pool)
-        self._batcher: Batcher[Cut, BackJob, Answer] | None = None
-        self._decoding = 0  # admitted requests whose payload is being decoded
+        self._batcher: Batcher[Cut, CodedJob, Answer] | None = None
         self._codec_fingerprints: dict[str, str] = {}  # hashing a codec's parameters per request is too slow
         self._cuts: dict[int | None, Cut] = {}  # by wire split, None for the default: built once
         self._ready = False
@@ -117,12 +120,13 @@ class InferenceEngine:
                 catalog.get(self.config.codec)  # fail at start-up, not on the first request
             for codec in catalog:
                 codec.warm_up()
+            codec_fingerprints = {codec.name: codec.fingerprint() for codec in catalog}
             cut = Cut.from_wire(model, self.config.split)
             if process is not None:
-                process.wait_ready(model.fingerprint)
+                process.wait_ready(model.fingerprint, codec_fingerprints)
                 self._back = process
             else:
-                self._back = BackHalf(model)
+                self._back = BackHalf(model, catalog)
                 self._back.warm_up(cut)
         except BaseException:
             if process is not None:
@@ -134,7 +138,7 @@ class InferenceEngine:
             self._decoder = self._split_model
             if process is not None and self.config.torch_threads:
                 torch.set_num_threads(self.config.torch_threads)  # generation steps run in this process
-        self._codec_fingerprints = {codec.name: codec.fingerprint() for codec in catalog}
+        self._codec_fingerprints = codec_fingerprints
         self._cuts = {split: Cut(model.num_blocks, split) for split in range(model.num_blocks + 1)}
         self._cuts[None] = cut
         self._ready = True
@@ -193,8 +197,8 @@ class InferenceEngine:
 
     @property
     def queue_depth(self) -> int:
-        """Admitted requests waiting: being decoded or queued for a batch."""
-        return self._decoding + (self._batcher.depth if self._batcher else 0)
+        """Admitted requests waiting for a batch."""
+        return self._batcher.depth if self._batcher else 0
 
     # -- request validation -------------------------------------------------------------------
 
@@ -262,20 +266,16 @@ class InferenceEngine:
             raise Overloaded(
                 f"server queue is full ({self.config.max_queue} requests waiting); retry in {retry_ms} ms", retry_ms
             )
-        started = time.monotonic()
-        self._decoding += 1
+        header, body = self._parse(codec, payload)
         try:
-            header, hidden = await self._decode(codec, payload)
-        finally:
-            self._decoding -= 1
-        decode_s = time.monotonic() - started
-        positions = torch.from_numpy(np.flatnonzero(header.kept_mask()))
-        answer, timing = await self._batcher.submit(cut, BackJob(hidden, positions), deadline)
+            answer, timing = await self._batcher.submit(cut, CodedJob(codec.name, header, bytes(body)), deadline)
+        except BitstreamError as exc:  # the body did not decode
+            raise _malformed(codec, exc) from None
         return InferenceResult(
             answer=answer,
             header=header,
             payload_bytes=len(payload),
-            decode_s=decode_s,
+            decode_s=answer.decode_s,
             queue_s=timing.queue_s,
             compute_s=timing.compute_s,
             batch_size=timing.batch_size,
@@ -332,45 +332,50 @@ class InferenceEngine:
             compute_s=time.monotonic() - decoded,
         )
 
+    def _parse(self, codec: Codec, payload: bytes) -> tuple[Header, memoryview]:
+        """The payload's header, checked against the limits, and its body; InvalidInput when malformed."""
+        try:
+            return codec.parse_payload(payload, max_tokens=self.max_tokens)
+        except BitstreamError as exc:
+            raise _malformed(codec, exc) from None
+
     async def _decode(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
         """Payload -> header and the kept tokens' hidden states ``(T_kept, D)``, on the event loop or a
         decode thread by the predicted cost of the tokens the header claims; InvalidInput when malformed."""
-        try:
-            header, body = codec.parse_payload(payload, max_tokens=self.max_tokens)
-        except BitstreamError as exc:
-            raise _malformed(codec, exc) from None
+        header, body = self._parse(codec, payload)
         hidden = await self._placer.run(
             codec.name, len(payload), header.kept_tokens, functools.partial(self._decode_body, codec, header, body)
         )
         return header, hidden
 
     def _decode_body(self, codec: Codec, header: Header, body: memoryview) -> torch.Tensor:
-        """The costly half of decoding, wherever the placer runs it. Token ids (split 0, nothing run on
-        the edge) are embedded here, so what reaches the blocks is the input of block 0 either way."""
+        """The costly half of decoding, wherever the placer runs it."""
+        assert self._split_model is not None
         try:
-            hidden = codec.decode_body(header, body)
+            return decode_hidden(codec, header, body, self._split_model)
         except BitstreamError as exc:
             raise _malformed(codec, exc) from None
-        if not codec.codes_token_ids:
-            return hidden
-        assert self._split_model is not None
-        ids = hidden.reshape(1, -1).long()
-        with torch.inference_mode():
-            return self._split_model.embed(ids, torch.ones_like(ids, dtype=torch.bool))[0]
 
     def _batch_compute(self) -> Compute:
         """The Batcher's compute function: submit to the compute process, or run on the compute thread."""
         back = self._back
         if isinstance(back, ComputeProcess):
 
-            async def in_process(cut: Cut, jobs: Sequence[BackJob]) -> list[Answer]:
+            async def in_process(cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
                 return await asyncio.wrap_future(back.submit(cut, jobs))
 
             return in_process
-        return on_executor(self._compute, self.run_back)
+        return on_executor(self._compute, self._run_coded)
+
+    def _run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
+        """Decode ``jobs``, then :meth:`run_back` on them. Runs on the compute thread."""
+        if self._back is None:
+            raise ModelNotReady("the model is not loaded yet")
+        return self._back.run_coded(cut, jobs)
 
     def run_back(self, cut: Cut, jobs: Sequence[BackJob]) -> list[Answer]:
-        """Blocks [split, L) and the head on ``jobs`` padded into one batch. Runs on the compute thread."""
+        """Blocks [split, L) and the head on decoded ``jobs`` padded into one batch, where the server runs
+        them (``splitwire-bench compute`` times this: the back half without decoding or gRPC)."""
         if self._back is None:
             raise ModelNotReady("the model is not loaded yet")
         return self._back.run(cut, jobs)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from splitwire.cloud.back import BackHalf, BackJob
+from splitwire.cloud.back import BackHalf, BackJob, CodedJob
 from splitwire.cloud.compute_process import ComputeProcess, ComputeProcessError
 from splitwire.split.cut import Cut
 from splitwire.split.models import LoadedModel
@@ -54,6 +54,38 @@ def test_a_dead_child_is_replaced_before_the_next_batch(process: ComputeProcess,
         time.sleep(0.01)
     answers = process.run(Cut(tiny_bert.num_blocks, 2), jobs())
     assert len(answers) == 3 and process.pid not in (None, first)
+
+
+def test_coded_jobs_are_decoded_in_the_child(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
+    from splitwire.codec.catalog import CodecCatalog
+    from splitwire.codec.errors import BitstreamError
+
+    catalog = CodecCatalog.for_model(tiny_bert.fingerprint, tiny_bert.hidden_size)
+    codec = catalog.get("fp16")
+    coded = []
+    for job in jobs():
+        header, body = codec.parse_payload(codec.encode_payload(job.hidden))
+        coded.append(CodedJob("fp16", header, bytes(body)))
+    coded[1] = CodedJob("fp16", coded[1].header, coded[1].body[:-2])  # one token value short
+    cut = Cut(tiny_bert.num_blocks, 2)
+    expected = BackHalf(tiny_bert, catalog).run_coded(cut, coded)
+    got = process.run_coded(cut, coded)
+    assert isinstance(got[1], BitstreamError) and isinstance(expected[1], BitstreamError)
+    for index in (0, 2):
+        np.testing.assert_allclose(got[index].embedding, expected[index].embedding, atol=1e-6)
+        assert got[index].decode_s > 0
+
+
+def test_a_child_whose_codecs_differ_is_refused(tiny_bert: LoadedModel) -> None:
+    from splitwire.codec.catalog import CodecCatalog
+
+    catalog = CodecCatalog.for_model(tiny_bert.fingerprint, tiny_bert.hidden_size, vocab_size=tiny_bert.vocab_size)
+    expected = {codec.name: codec.fingerprint() for codec in catalog}
+    child = ComputeProcess("tiny-bert", torch_threads=1)
+    child.spawn()
+    with pytest.raises(ComputeProcessError, match=r"codecs that differ from the server's \(fp16\)"):
+        child.wait_ready(tiny_bert.fingerprint, {**expected, "fp16": "not-its-fingerprint"})
+    child.close()
 
 
 def test_a_model_that_does_not_load_is_reported() -> None:

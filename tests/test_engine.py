@@ -97,3 +97,27 @@ def test_admission_is_bounded_before_decoding() -> None:
     assert len(refused) + len(served) == 20
     # All 20 arrive in one tick: two are admitted (decoding), the rest are refused before decoding.
     assert len(served) == 2 and "server queue is full (2 requests waiting)" in str(refused[0])
+
+
+@pytest.mark.parametrize("compute", [ComputeMode.THREAD, ComputeMode.PROCESS])
+def test_a_payload_that_does_not_decode_fails_alone_in_its_batch(compute: ComputeMode) -> None:
+    from splitwire.cloud.errors import InvalidInput
+
+    engine = fresh_engine("tiny-bert", compute=compute)
+
+    async def scenario() -> list[object]:
+        engine.start()
+        try:
+            cut, codec = engine.resolve("", None, "fp32")
+            good = payloads(engine)[:3]
+            broken = good[1][:-4]  # the header parses; the body is a token short, found when decoding
+            jobs = [engine.infer(cut, codec, payload, None) for payload in (good[0], broken, good[2])]
+            return list(await asyncio.gather(*jobs, return_exceptions=True))
+        finally:
+            await engine.stop()
+
+    first, broken, last = asyncio.run(scenario())
+    assert isinstance(broken, InvalidInput) and "malformed payload for codec fp32" in str(broken)
+    assert isinstance(first, InferenceResult) and isinstance(last, InferenceResult)
+    assert first.batch_size == last.batch_size == 3  # decoded in the batch, beside the one that failed
+    assert first.decode_s > 0 and first.answer.embedding is not None

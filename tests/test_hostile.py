@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 from conftest import ServerThread
+from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.codec.base import Codec
 from splitwire.edge.agent import EdgeAgent, EdgeConfig
 from splitwire.split.models import LoadedModel
@@ -25,11 +28,11 @@ CONCURRENCY = 16
 RSS_GROWTH_BOUND = 150 * 2**20  # an allocation sized by a forged header would be terabytes
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_bytes(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
 def hostile_payloads(codec: Codec, count: int, seed: int) -> list[bytes]:
@@ -90,10 +93,28 @@ async def send_all(address: str, requests: list[pb.InferRequest]) -> collections
     return codes
 
 
+@pytest.fixture(scope="module")
+def minilm_process_server() -> Iterator[ServerThread]:
+    """The default layout: payloads are decoded in the compute process."""
+    config = ServerConfig(port=0, metrics_port=0, model="all-MiniLM-L6-v2", max_queue_delay_ms=1.0)
+    assert config.compute is ComputeMode.PROCESS
+    with ServerThread(config) as running:
+        yield running
+
+
+@pytest.mark.parametrize("layout", ["compute thread", "compute process"])
 def test_thousands_of_hostile_payloads_leave_the_server_serving_within_bounded_memory(
-    minilm_server: ServerThread, minilm: LoadedModel
+    layout: str, request: pytest.FixtureRequest, minilm: LoadedModel
 ) -> None:
-    engine = minilm_server.server.engine
+    server: ServerThread = request.getfixturevalue(
+        "minilm_server" if layout == "compute thread" else "minilm_process_server"
+    )
+    engine = server.server.engine
+    child = getattr(engine._back, "pid", None)  # the compute process, where payloads are decoded
+
+    def memory() -> int:
+        return rss_bytes() + (rss_bytes(child) if child is not None else 0)
+
     assert engine.catalog is not None
     split = engine.default_cut().split
     codecs = [codec for codec in engine.catalog if codec.valid_at(split)]
@@ -104,13 +125,14 @@ def test_thousands_of_hostile_payloads_leave_the_server_serving_within_bounded_m
         for index, codec in enumerate(codecs)
         for payload in hostile_payloads(codec, per_codec, seed=index)
     ]
-    asyncio.run(send_all(minilm_server.address, requests[:300]))  # warm up allocators and caches
-    before = rss_bytes()
-    codes = asyncio.run(send_all(minilm_server.address, requests))
-    growth = rss_bytes() - before
+    asyncio.run(send_all(server.address, requests[:300]))  # warm up allocators and caches
+    before = memory()
+    codes = asyncio.run(send_all(server.address, requests))
+    growth = memory() - before
     assert sum(codes.values()) >= PAYLOADS
     assert codes[grpc.StatusCode.INVALID_ARGUMENT] > 0.8 * sum(codes.values())
     assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth / 2**20:.0f} MiB"
-    with EdgeAgent(EdgeConfig(server=minilm_server.address), minilm) as edge:
+    assert child is None or getattr(engine._back, "pid", None) == child  # no payload took the child down
+    with EdgeAgent(EdgeConfig(server=server.address), minilm) as edge:
         result = edge.infer("After all that, a valid request.")
     assert result.embedding is not None and np.isfinite(result.embedding).all()
