@@ -106,7 +106,11 @@ SERVE_OPTIONS = OptionSet(
             "N",
         ),
         Option(
-            "--decode-threads", int, _DEFAULT.decode_threads, "threads decoding generation steps too costly for the event loop", "N"
+            "--decode-threads",
+            int,
+            _DEFAULT.decode_threads,
+            "threads decoding generation steps too costly for the event loop",
+            "N",
         ),
         Option(
             "--compute",

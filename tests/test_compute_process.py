@@ -45,6 +45,25 @@ def test_a_failing_batch_is_reported_and_the_child_goes_on(process: ComputeProce
     assert len(process.run(cut, jobs())) == 3
 
 
+def test_batches_submitted_together_are_answered_in_order(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
+    # Many batches in the pipe at once, some failing: each future gets its own batch's answers.
+    cut = Cut(tiny_bert.num_blocks, 2)
+    generator = torch.Generator().manual_seed(2)
+    batches = [
+        [BackJob(torch.randn(n, 7 if b % 3 == 1 else 32, generator=generator), torch.arange(n)) for n in (2 + b, 4)]
+        for b in range(9)
+    ]
+    futures = [process.submit(cut, batch) for batch in batches]
+    local = BackHalf(tiny_bert)
+    for b, (batch, future) in enumerate(zip(batches, futures, strict=True)):
+        if b % 3 == 1:  # wrong width
+            with pytest.raises(ComputeProcessError, match="batch failed in the compute process"):
+                future.result(timeout=60)
+            continue
+        for got, want in zip(future.result(timeout=60), local.run(cut, batch), strict=True):
+            np.testing.assert_allclose(got.embedding, want.embedding, atol=1e-6)
+
+
 def test_a_dead_child_is_replaced_before_the_next_batch(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
     first = process.pid
     assert first is not None
