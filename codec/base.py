@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -20,6 +21,15 @@ import torch
 from splitwire.codec import container
 from splitwire.codec.errors import BitstreamError
 from splitwire.split.fingerprint import tensors_fingerprint
+
+
+def checked_finite(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden``, after checking a decoder made no NaN or infinity of a payload; BitstreamError if it did."""
+    # One float64 sum finds any NaN or infinity (they propagate; finite float32 values cannot overflow
+    # it) at a fraction of the cost of an elementwise test.
+    if not math.isfinite(hidden.sum(dtype=torch.float64).item()):
+        raise BitstreamError("payload decodes to non-finite values")
+    return hidden
 
 
 class CodecKind(enum.IntEnum):
@@ -148,9 +158,18 @@ class Codec(ABC):
 
     def decode_body(self, header: container.Header, body: bytes | memoryview) -> torch.Tensor:
         """The costly half of :meth:`decode_payload`: the body of a parsed payload -> ``(T_kept, D)``."""
-        hidden = self.decode(body, header.kept_tokens)
-        # One float64 sum finds any NaN or infinity (they propagate; finite float32 values cannot overflow
-        # it) at a fraction of the cost of an elementwise test.
-        if not math.isfinite(hidden.sum(dtype=torch.float64).item()):
-            raise BitstreamError("payload decodes to non-finite values")
-        return hidden
+        return checked_finite(self.decode(body, header.kept_tokens))
+
+    def decode_bodies(
+        self, parsed: Sequence[tuple[container.Header, bytes | memoryview]]
+    ) -> list[torch.Tensor | BitstreamError]:
+        """:meth:`decode_body` for several parsed payloads, each result in its place: the hidden states, or
+        the BitstreamError of a payload that does not decode (it fails alone). Codecs whose transforms
+        can run over every payload's tokens at once override this; by default, one at a time."""
+        results: list[torch.Tensor | BitstreamError] = []
+        for header, body in parsed:
+            try:
+                results.append(self.decode_body(header, body))
+            except BitstreamError as exc:
+                results.append(exc)
+        return results

@@ -26,6 +26,7 @@ letting them into the statistics would flatten every other token's standardised 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import constriction
@@ -384,6 +385,58 @@ class HyperpriorModel(CodingModel):
     def _decompress_coded(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         models = self._coding_models()
         stream = CodedStream(body)
+        context, side = self._read_side(stream, tokens)
+        context_values = models.context_range.values(context)
+        mean, scale_index = models.side_network(models.side_range.values(side.T), context_values)
+        y_hat = (torch.from_numpy(self._read_main(stream, scale_index.numpy())) + mean).float()
+        return models.synthesis.with_shared(y_hat, context_values.float())
+
+    def decompress_many(self, items: Sequence[tuple[bytes | memoryview, int]]) -> list[torch.Tensor | BitstreamError]:
+        if self.raw_token_threshold:  # raw tokens split each body first: one at a time
+            return super().decompress_many(items)
+        models = self._coding_models()
+        results: list[torch.Tensor | BitstreamError | None] = [None] * len(items)
+        read: list[tuple[int, CodedStream, np.ndarray, np.ndarray]] = []  # item index, stream, context, side
+        for index, (body, tokens) in enumerate(items):
+            stream = CodedStream(body)
+            try:
+                context, side = self._read_side(stream, tokens)
+            except BitstreamError as exc:
+                results[index] = exc
+                continue
+            read.append((index, stream, context, side))
+        if not read:
+            return results  # type: ignore[return-value]
+        # The side network and the synthesis run once over every body's tokens, each sequence's
+        # context added to its own rows; the side network is exact, so the scale indices are too.
+        counts = [side.shape[1] for *_, side in read]
+        contexts = models.context_range.values(np.stack([context for _, _, context, _ in read]))
+        sides = models.side_range.values(np.concatenate([side.T for *_, side in read]))
+        mean, scale_index = models.side_network.per_sequence(sides, contexts, torch.tensor(counts))
+        scale_index = scale_index.numpy()
+        latents, kept = [], []
+        start = 0
+        for position, ((index, stream, _, _), count) in enumerate(zip(read, counts, strict=True)):
+            rows = slice(start, start + count)
+            start += count
+            try:
+                latents.append(torch.from_numpy(self._read_main(stream, scale_index[rows])) + mean[rows])
+            except BitstreamError as exc:
+                results[index] = exc
+                continue
+            kept.append(position)
+        if kept:
+            kept_counts = [counts[position] for position in kept]
+            hidden = models.synthesis.with_shared_per_sequence(
+                torch.cat(latents).float(), contexts[kept].float(), torch.tensor(kept_counts)
+            )
+            for position, rows in zip(kept, hidden.split(kept_counts), strict=True):
+                results[read[position][0]] = rows
+        return results  # type: ignore[return-value]
+
+    def _read_side(self, stream: CodedStream, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """The front of a coded body: the context ``(Cc,)`` and side ``(G, tokens)`` as table indices."""
+        models = self._coding_models()
         context = np.zeros(0, dtype=np.int32)
         if self.context_channels:
             context = stream.pop_rows(TABLE_FAMILY, models.context)
@@ -392,17 +445,20 @@ class HyperpriorModel(CodingModel):
         side = np.empty((self.side_channels, tokens), dtype=np.int32)
         for g in range(self.side_channels):
             side[g] = stream.pop(tokens, models.side[g])
-        context_values = models.context_range.values(context)
-        mean, scale_index = models.side_network(models.side_range.values(side.T), context_values)
-        order, present, sizes = self._groups(scale_index.numpy())
+        return context, side
+
+    def _read_main(self, stream: CodedStream, scale_index: np.ndarray) -> np.ndarray:
+        """The rest of a coded body: the main symbols ``(T, C)``, signed, float64, given their scale
+        indices ``(T, C)``; the body must end with them."""
+        models = self._coding_models()
+        order, present, sizes = self._groups(scale_index)
         indices = np.concatenate(
             [stream.pop(int(size), models.main[s]) for s, size in zip(present, sizes, strict=True)]
         )
         stream.finish()
-        main = np.empty(tokens * self.channels, dtype=np.float64)
+        main = np.empty(scale_index.size, dtype=np.float64)
         main[order] = indices - models.half_widths[np.repeat(present, sizes)]
-        y_hat = (torch.from_numpy(main).view(tokens, self.channels) + mean).float()
-        return models.synthesis.with_shared(y_hat, context_values.float())
+        return main.reshape(scale_index.shape)
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         raw = self.raw_tokens(hidden)
@@ -508,7 +564,19 @@ class _IntegerSideNetwork:
     def __call__(self, side: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Side values ``(T, G)`` and context values ``(Cc,)`` -> means ``(T, C)`` and scale indices ``(T, C)``."""
         # The context's share of the first layer is the same for every token: computed once.
-        hidden = torch.addmm(torch.addmv(self.bias, self.context_weight, context), side, self.side_weight).relu_()
+        return self._outputs(torch.addmm(torch.addmv(self.bias, self.context_weight, context), side, self.side_weight))
+
+    def per_sequence(
+        self, side: torch.Tensor, contexts: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__` for several sequences' tokens stacked: side values ``(sum T, G)``, one row of
+        context values per sequence ``(N, Cc)``, and each sequence's token count ``(N,)``."""
+        context_share = torch.addmm(self.bias, contexts, self.context_weight.t()).repeat_interleave(counts, dim=0)
+        return self._outputs(context_share.addmm_(side, self.side_weight))
+
+    def _outputs(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's output ``(T, H)`` -> means and scale indices."""
+        hidden = first.relu_()
         log_scale = torch.addmm(self.scale_bias, hidden, self.scale_weight)
         return torch.addmm(self.mean_bias, hidden, self.mean_weight), torch.searchsorted(self.thresholds, log_scale)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from splitwire.codec.base import Codec, CodecKind
+from splitwire.codec import container
+from splitwire.codec.base import Codec, CodecKind, checked_finite
+from splitwire.codec.errors import BitstreamError
 from torch import nn
 
 if TYPE_CHECKING:
@@ -188,6 +190,13 @@ class FusedResidual:
         bias = torch.addmv(self.first_bias, self.first_weight[width:].t(), shared)
         return self.finish(torch.addmm(bias, x, self.first_weight[:width]))
 
+    def with_shared_per_sequence(self, x: torch.Tensor, shared: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """:meth:`with_shared` for several sequences' tokens stacked: ``x`` ``(sum T, a)``, one ``shared`` row
+        per sequence ``(N, s)``, and each sequence's token count ``(N,)``."""
+        width = x.shape[-1]
+        bias = torch.addmm(self.first_bias, shared, self.first_weight[width:]).repeat_interleave(counts, dim=0)
+        return self.finish(bias.addmm_(x, self.first_weight[:width]))
+
     def token_mean(self, x: torch.Tensor, first_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """``self(x).mean(0)``, ``(T, in)`` -> ``(out,)``: the maps outside the nonlinearity act on means.
         ``first_hidden``: the MLP's first product of ``x``, when the caller computed it with another."""
@@ -311,6 +320,17 @@ class CodingModel(nn.Module):
         """Body bytes -> ``(tokens, D)``; raises BitstreamError on malformed input."""
         raise NotImplementedError
 
+    def decompress_many(self, items: Sequence[tuple[bytes | memoryview, int]]) -> list[torch.Tensor | BitstreamError]:
+        """:meth:`decompress` for several ``(body, tokens)``, each result in its place, a malformed body's
+        BitstreamError included. One at a time here; modules that can batch their transforms override it."""
+        results: list[torch.Tensor | BitstreamError] = []
+        for body, tokens in items:
+            try:
+                results.append(self.decompress(body, tokens))
+            except BitstreamError as exc:
+                results.append(exc)
+        return results
+
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         """Ideal code length of ``(T, D)`` under the integer tables (what compress() should approach)."""
         raise NotImplementedError
@@ -355,6 +375,21 @@ class LearnedCodec(Codec):
     def decode(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         with torch.inference_mode():
             return self.module.decompress(body, tokens)
+
+    def decode_bodies(
+        self, parsed: Sequence[tuple[container.Header, bytes | memoryview]]
+    ) -> list[torch.Tensor | BitstreamError]:
+        if len(parsed) < 2:
+            return super().decode_bodies(parsed)
+        with torch.inference_mode():
+            decoded = self.module.decompress_many([(body, header.kept_tokens) for header, body in parsed])
+        results: list[torch.Tensor | BitstreamError] = []
+        for hidden in decoded:
+            try:
+                results.append(hidden if isinstance(hidden, BitstreamError) else checked_finite(hidden))
+            except BitstreamError as exc:
+                results.append(exc)
+        return results
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         with torch.inference_mode():

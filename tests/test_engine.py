@@ -121,3 +121,25 @@ def test_a_payload_that_does_not_decode_fails_alone_in_its_batch(compute: Comput
     assert isinstance(first, InferenceResult) and isinstance(last, InferenceResult)
     assert first.batch_size == last.batch_size == 3  # decoded in the batch, beside the one that failed
     assert first.decode_s > 0 and first.answer.embedding is not None
+
+
+def test_a_decoder_bug_fails_only_the_payloads_that_trip_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A batch's payloads decode together; when that raises something other than BitstreamError, they
+    # are decoded again one at a time, so only the one that trips the bug fails (as a RuntimeError).
+    from splitwire.cloud.back import BackHalf, CodedJob
+
+    engine = fresh_engine("tiny-bert")
+    assert engine.model is not None and engine.catalog is not None
+    codec = engine.catalog.get("fp32")
+    jobs = [CodedJob("fp32", *codec.parse_payload(payload)) for payload in payloads(engine)[:3]]
+    real_decode_body = type(codec).decode_body
+
+    def buggy(self, header, body):  # type: ignore[no-untyped-def]
+        if bytes(body) == bytes(jobs[1].body):
+            raise ZeroDivisionError("a bug")
+        return real_decode_body(self, header, body)
+
+    monkeypatch.setattr(type(codec), "decode_body", buggy)
+    first, broken, last = BackHalf(engine.model, engine.catalog).run_coded(engine.default_cut(), jobs)
+    assert isinstance(broken, RuntimeError) and "decoding with fp32 failed: ZeroDivisionError: a bug" in str(broken)
+    assert first.embedding is not None and last.embedding is not None  # type: ignore[union-attr]

@@ -151,6 +151,38 @@ def test_every_decoder_survives_hostile_payloads(codec: Codec) -> None:
     run()
 
 
+def check_batch(codec: Codec, payloads: list[bytes]) -> None:
+    """The payloads that parse, decoded together as the server decodes a batch: each gets what it gets alone."""
+    parsed = []
+    for payload in payloads:
+        try:
+            parsed.append(codec.parse_payload(payload, max_tokens=MAX_TOKENS))
+        except BitstreamError:
+            continue
+    together = codec.decode_bodies(parsed)
+    assert len(together) == len(parsed)
+    for (header, body), got in zip(parsed, together, strict=True):
+        try:
+            alone = codec.decode_body(header, body)
+        except BitstreamError:
+            assert isinstance(got, BitstreamError) and str(got)
+            continue
+        assert isinstance(got, torch.Tensor) and got.shape == alone.shape
+        # Float rounding only: the products run over the batch's tokens at once, summing in another order.
+        assert torch.allclose(got, alone, rtol=0, atol=1e-5 * max(1.0, float(alone.abs().max())))
+
+
+def test_every_decoder_decodes_hostile_batches_as_each_payload_alone(codec: Codec) -> None:
+    valid = [valid_payload(codec, tokens=n, seed=n) for n in (1, 9, 30)]
+
+    @QUICK
+    @given(payloads=st.lists(st.one_of(mutated(codec), st.sampled_from(valid)), min_size=2, max_size=6))
+    def run(payloads: list[bytes]) -> None:
+        check_batch(codec, payloads)
+
+    run()
+
+
 @pytest.mark.slow
 @LONG
 @given(payload=st.one_of(st.binary(max_size=4096), forged(CODECS["int8-zstd"])))

@@ -176,6 +176,37 @@ def test_random_bodies_never_crash(codec: LearnedCodec) -> None:
         assert decoded.shape == (5, WIDTH) and torch.isfinite(decoded).all()
 
 
+def test_a_batch_of_bodies_decodes_as_each_does_alone(codec: LearnedCodec) -> None:
+    """decode_bodies (the server decodes a batch's payloads together) gives each payload what decode_body
+    gives it alone, a malformed one's BitstreamError included, whatever its neighbours."""
+    payloads = [codec.encode_payload(seeded((n, WIDTH), seed=n)) for n in (12, 1, 7, 30, 12)]
+    payloads[1] = payloads[1][:-1]  # truncated
+    payloads.insert(3, payloads[0][:3] + np.random.default_rng(4).bytes(40))  # random body
+    payloads.append(payloads[0][:-4] + bytes([payloads[0][-4] ^ 0x5A]) + payloads[0][-3:])  # corrupted
+    parsed = [codec.parse_payload(payload) for payload in payloads]
+    together = codec.decode_bodies(parsed)
+    assert len(together) == len(parsed)
+    for (header, body), got in zip(parsed, together, strict=True):
+        try:
+            alone = codec.decode_body(header, body)
+        except BitstreamError:
+            assert isinstance(got, BitstreamError)
+            continue
+        assert isinstance(got, torch.Tensor) and got.shape == alone.shape
+        np.testing.assert_allclose(got.numpy(), alone.numpy(), rtol=0, atol=1e-5)
+    assert sum(isinstance(got, BitstreamError) for got in together) >= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_golden_payloads_decode_the_same_in_a_batch(kind: str) -> None:
+    codec = load_golden(kind)
+    payload = (GOLDEN / f"{kind}.payload").read_bytes()
+    other = codec.encode_payload(seeded((5, WIDTH), seed=8))
+    first, _, last = codec.decode_bodies([codec.parse_payload(p) for p in (payload, other, payload)])
+    for decoded in (first, last):
+        np.testing.assert_allclose(decoded.numpy(), np.load(GOLDEN / f"{kind}.decoded.npy"), rtol=0, atol=1e-5)
+
+
 def test_checkpoint_round_trip_keeps_fingerprint_and_bytes(codec: LearnedCodec, tmp_path: Path) -> None:
     path = tmp_path / "codec.safetensors"
     save_checkpoint(codec.module, codec.kind, path)
