@@ -210,7 +210,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     threads = "torch threads: the global --threads, by default every core but one, as splitwire-cloud serve uses"
     compute = sub.add_parser(
         "compute",
-        help="pure batched throughput of the back half (no gRPC, no decoding)",
+        help="pure batched throughput of the back half (no gRPC; no decoding unless --with-decoding)",
         description=f"The server's compute function alone on STS-B dev batches. {threads}.",
     )
     load = sub.add_parser(
@@ -231,6 +231,11 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--sentences", type=int, default=1000, help="unique sentences to send or compute (1000)")
         parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
     compute.add_argument("--seconds", type=float, default=10.0, help="seconds of compute after warm-up (10)")
+    compute.add_argument(
+        "--with-decoding",
+        action="store_true",
+        help="time what the compute process does per batch: decode the payloads (together), then the back half",
+    )
     compute.set_defaults(handler=cmd_compute)
 
     load.add_argument(

@@ -5,9 +5,13 @@ mask, blocks [k, L), head) runs on batches of ``--batch-size`` decoded STS-B dev
 in this process with the server's torch threads, after warm-up. No gRPC, no decoding, no queueing, no
 compute process: what is left when serving costs nothing.
 
+With ``--with-decoding`` each batch starts from the payloads and decodes them first, as the compute
+process does: the compute process's ceiling, and against the plain figure, what decoding costs it.
+
 ::
 
     payloads --decode (off the clock)--> jobs --[batch of B]--> run_back --> sequences / second
+    payloads --parse (off the clock)--> coded jobs --[batch of B]--> run_coded --> sequences / second
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from splitwire.benchmarks import workload
-from splitwire.cloud.back import BackJob, kept_positions
+from splitwire.cloud.back import BackJob, CodedJob, kept_positions
 from splitwire.cloud.config import ComputeMode, ServerConfig, default_torch_threads
 from splitwire.cloud.engine import InferenceEngine
 from splitwire.codec.base import Codec
@@ -58,22 +62,34 @@ def decode_jobs(codec: Codec, payloads: list[bytes]) -> list[BackJob]:
     return jobs
 
 
+def coded_jobs(codec: Codec, payloads: list[bytes]) -> list[CodedJob]:
+    """What the compute process receives for each payload: its header parsed, its body still coded."""
+    return [CodedJob(codec.name, *codec.parse_payload(payload)) for payload in payloads]
+
+
 def measure(
-    engine: InferenceEngine, cut: Cut, jobs: list[BackJob], batch_size: int, seconds: float, warmup_batches: int = 3
+    engine: InferenceEngine,
+    cut: Cut,
+    jobs: list[BackJob] | list[CodedJob],
+    batch_size: int,
+    seconds: float,
+    warmup_batches: int = 3,
 ) -> ComputeResult:
-    """Run consecutive batches of ``jobs`` (cycling) for about ``seconds`` after ``warmup_batches``."""
+    """Run consecutive batches of ``jobs`` (cycling) for about ``seconds`` after ``warmup_batches``: the back
+    half on decoded jobs, or decoding and the back half on coded ones."""
     if not jobs:
         raise ValueError("no jobs to compute")
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs) - batch_size + 1, batch_size)] or [jobs]
+    run_batch = engine.run_coded if isinstance(jobs[0], CodedJob) else engine.run_back
     for batch in batches[:warmup_batches]:
-        engine.run_back(cut, batch)
+        run_batch(cut, batch)  # type: ignore[arg-type]
     latencies: list[float] = []
     sequences = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         batch = batches[len(latencies) % len(batches)]
         t0 = time.perf_counter()
-        engine.run_back(cut, batch)
+        run_batch(cut, batch)  # type: ignore[arg-type]
         latencies.append(time.perf_counter() - t0)
         sequences += len(batch)
     elapsed = time.perf_counter() - started
@@ -84,8 +100,12 @@ def measure(
         batches=len(latencies),
         seconds=elapsed,
         batch_latency_ms={f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)},
-        mean_tokens=float(np.mean([job.hidden.shape[0] for job in jobs])),
+        mean_tokens=float(np.mean([_kept_tokens(job) for job in jobs])),
     )
+
+
+def _kept_tokens(job: BackJob | CodedJob) -> int:
+    return job.header.kept_tokens if isinstance(job, CodedJob) else job.hidden.shape[0]
 
 
 def load_engine(model: str, threads: int | None) -> InferenceEngine:
@@ -104,10 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     cut = engine.default_cut() if args.split is None else Cut(engine.model.num_blocks, args.split)
     codec = engine.catalog.get(args.codec or engine.default_codec_name(cut.split))
     texts = workload.sentences(args.data, args.sentences)
-    jobs = decode_jobs(codec, workload.encode(engine.model, cut, codec, texts).payloads)
+    payloads = workload.encode(engine.model, cut, codec, texts).payloads
+    jobs = coded_jobs(codec, payloads) if args.with_decoding else decode_jobs(codec, payloads)
     result = measure(engine, cut, jobs, args.batch_size, args.seconds)
+    work = f"decoding {codec.name} + " if args.with_decoding else ""
     summary = (
-        f"{engine.model.name} blocks [{cut.split}, {engine.model.num_blocks}) + head, batch {result.batch_size}, "
+        f"{engine.model.name} {work}blocks [{cut.split}, {engine.model.num_blocks}) + head, batch {result.batch_size}, "
         f"{torch.get_num_threads()} torch threads: {result.sequences_per_s:.1f} sequences/s "
         f"(batch p50 {result.batch_latency_ms['p50']:.1f} ms, {result.mean_tokens:.1f} tokens/sequence)"
     )
@@ -116,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "model": engine.model.name,
         "split": cut.split,
         "codec": codec.name,
+        "with_decoding": args.with_decoding,
         "torch_threads": torch.get_num_threads(),
         "sentences": len(texts),
         "compute": result.to_json(),

@@ -365,10 +365,11 @@ class InferenceEngine:
                 return await asyncio.wrap_future(back.submit(cut, jobs))
 
             return in_process
-        return on_executor(self._compute, self._run_coded)
+        return on_executor(self._compute, self.run_coded)
 
-    def _run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
-        """Decode ``jobs``, then :meth:`run_back` on them. Runs on the compute thread."""
+    def run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
+        """Decode ``jobs`` (together, per codec), then :meth:`run_back` on them: the compute thread's work
+        per batch, and the compute process's (``splitwire-bench compute --with-decoding`` times this)."""
         if self._back is None:
             raise ModelNotReady("the model is not loaded yet")
         return self._back.run_coded(cut, jobs)

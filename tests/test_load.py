@@ -75,3 +75,20 @@ def test_open_loop_offers_the_rate_whatever_the_server_does(tmp_path: Path) -> N
     (level,) = result["levels"]
     assert level["request_rate"] == 200 and level["concurrency"] is None and level["client_processes"] == 2
     assert 100 < level["rps"] < 300  # Poisson arrivals at 200/s, served by a server far faster than that
+
+
+@pytest.mark.parametrize("with_decoding", [False, True])
+def test_compute_times_the_back_half_with_or_without_decoding(tmp_path: Path, with_decoding: bool) -> None:
+    out = tmp_path / "compute.json"
+    command = [BIN / "splitwire-bench", "compute", "--model", "tiny-bert", "--seconds", "0.3", "--sentences", "20"]
+    done = subprocess.run(
+        [*command, "--batch-size", "8", "--json", str(out), *(["--with-decoding"] if with_decoding else [])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["with_decoding"] is with_decoding
+    assert result["compute"]["rps"] > 0 and result["compute"]["batch_size"] == 8 and result["compute"]["batches"] >= 1
+    assert (f"decoding {result['codec']} + blocks" in done.stdout) is with_decoding
