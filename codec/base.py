@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from splitwire.codec import container
-from splitwire.codec.errors import BitstreamError
+from splitwire.codec.errors import BitstreamError, each_or_error
 from splitwire.split.fingerprint import tensors_fingerprint
 
 
@@ -166,10 +166,4 @@ class Codec(ABC):
         """:meth:`decode_body` for several parsed payloads, each result in its place: the hidden states, or
         the BitstreamError of a payload that does not decode (it fails alone). Codecs whose transforms
         can run over every payload's tokens at once override this; by default, one at a time."""
-        results: list[torch.Tensor | BitstreamError] = []
-        for header, body in parsed:
-            try:
-                results.append(self.decode_body(header, body))
-            except BitstreamError as exc:
-                results.append(exc)
-        return results
+        return each_or_error(self.decode_body, parsed)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from splitwire.codec import container
 from splitwire.codec.base import Codec, CodecKind, checked_finite
-from splitwire.codec.errors import BitstreamError
+from splitwire.codec.errors import BitstreamError, each_or_error
 from torch import nn
 
 if TYPE_CHECKING:
@@ -323,13 +323,7 @@ class CodingModel(nn.Module):
     def decompress_many(self, items: Sequence[tuple[bytes | memoryview, int]]) -> list[torch.Tensor | BitstreamError]:
         """:meth:`decompress` for several ``(body, tokens)``, each result in its place, a malformed body's
         BitstreamError included. One at a time here; modules that can batch their transforms override it."""
-        results: list[torch.Tensor | BitstreamError] = []
-        for body, tokens in items:
-            try:
-                results.append(self.decompress(body, tokens))
-            except BitstreamError as exc:
-                results.append(exc)
-        return results
+        return each_or_error(self.decompress, items)
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         """Ideal code length of ``(T, D)`` under the integer tables (what compress() should approach)."""

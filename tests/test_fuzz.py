@@ -22,7 +22,7 @@ from splitwire.codec.base import Codec
 from splitwire.codec.catalog import BUILTIN_CODECS, load_checkpoint, read_manifest
 from splitwire.codec.errors import BitstreamError
 from splitwire.codec.token_ids import TokenIdsCodec
-from test_learned_codecs import KINDS, build
+from test_learned_codecs import KINDS, assert_decoded_as_each_alone, build
 
 MAX_TOKENS = 128  # what the server allows (tiny models' limit); headers may claim far more
 SECONDS_PER_DECODE = 5.0  # generous on a loaded 2-core machine; a hang takes forever
@@ -159,17 +159,7 @@ def check_batch(codec: Codec, payloads: list[bytes]) -> None:
             parsed.append(codec.parse_payload(payload, max_tokens=MAX_TOKENS))
         except BitstreamError:
             continue
-    together = codec.decode_bodies(parsed)
-    assert len(together) == len(parsed)
-    for (header, body), got in zip(parsed, together, strict=True):
-        try:
-            alone = codec.decode_body(header, body)
-        except BitstreamError:
-            assert isinstance(got, BitstreamError) and str(got)
-            continue
-        assert isinstance(got, torch.Tensor) and got.shape == alone.shape
-        # Float rounding only: the products run over the batch's tokens at once, summing in another order.
-        assert torch.allclose(got, alone, rtol=0, atol=1e-5 * max(1.0, float(alone.abs().max())))
+    assert_decoded_as_each_alone(codec, parsed)
 
 
 def test_every_decoder_decodes_hostile_batches_as_each_payload_alone(codec: Codec) -> None:
