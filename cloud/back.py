@@ -11,8 +11,8 @@ sequence.
 Payloads are decoded here, where the back half runs (the compute process, or the compute thread),
 not on the server's event loop: the loop's core is the one that serves gRPC, and a decoded sequence
 is a few hundred times the size of its payload to hand over. The payloads of one codec decode
-together (a learned codec runs its transforms once over all their tokens, which more than halves its
-decoding time in a batch of 16); a payload that does not decode fails its own request only (its slot
+together (a learned codec runs its transforms once over all their tokens rather than once per
+payload); a payload that does not decode fails its own request only (its slot
 in the answers holds the error); the rest of the batch goes on.
 
 Padding is invisible to the answers: padded keys are masked out of attention and out of pooling, so a
