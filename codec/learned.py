@@ -7,6 +7,7 @@ tables, with the configuration as JSON metadata.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 from collections.abc import Callable, Sequence
@@ -187,7 +188,7 @@ class FusedResidual:
         """``self(cat([x, shared expanded over tokens], -1))``, ``x`` ``(T, a)``, ``shared`` ``(s,)``:
         ``shared``'s part of the first product is one vector-matrix product."""
         width = x.shape[-1]
-        bias = torch.addmv(self.first_bias, self.first_weight[width:].t(), shared)
+        bias = torch.addmm(self.first_bias, shared[None], self.first_weight[width:])
         return self.finish(torch.addmm(bias, x, self.first_weight[:width]))
 
     def with_shared_per_sequence(self, x: torch.Tensor, shared: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -195,18 +196,22 @@ class FusedResidual:
         per sequence ``(N, s)``, and each sequence's token count ``(N,)``."""
         width = x.shape[-1]
         bias = torch.addmm(self.first_bias, shared, self.first_weight[width:]).repeat_interleave(counts, dim=0)
-        return self.finish(bias.addmm_(x, self.first_weight[:width]))
+        return self.finish(torch.addmm(bias, x, self.first_weight[:width]))
 
     def token_mean(self, x: torch.Tensor, first_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """``self(x).mean(0)``, ``(T, in)`` -> ``(out,)``: the maps outside the nonlinearity act on means.
         ``first_hidden``: the MLP's first product of ``x``, when the caller computed it with another."""
         out = self.out_dim
-        linear = torch.addmv(self.first_bias[:out], self.first_weight[:, :out].t(), x.mean(0))
+        # Means as products with a row of 1/T and row-vector products rather than torch's reduction and
+        # matrix-vector kernels: after the model's front blocks have run, every kernel the codec is the
+        # first to call starts from cold caches, and the front runs matrix products already.
+        mean_row = x.new_full((1, x.shape[0]), 1.0 / x.shape[0])
+        linear = torch.addmm(self.first_bias[:out], mean_row @ x, self.first_weight[:, :out])
         if not len(self.last_weight):
-            return linear
+            return linear[0]
         if first_hidden is None:
             first_hidden = torch.addmm(self.first_bias[out:], x, self.first_weight[:, out:])
-        return torch.addmv(linear, self.last_weight.t(), self._hidden(first_hidden).mean(0))
+        return linear.addmm_(mean_row @ self._hidden(first_hidden), self.last_weight)[0]
 
     def _hidden(self, first_hidden: torch.Tensor) -> torch.Tensor:
         """The MLP from its first product's output to its last product's input."""
@@ -353,6 +358,12 @@ class CodingModel(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def _inference() -> contextlib.AbstractContextManager[object]:
+    """Inference mode, entered only when the caller is not in it already: on the coding path, which runs
+    right after the model's own blocks, entering it again costs as much as a small matrix product."""
+    return contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode()
+
+
 class LearnedCodec(Codec):
     """A codec around a trained :class:`CodingModel`; coding happens in the module's integer tables."""
 
@@ -363,11 +374,11 @@ class LearnedCodec(Codec):
         self.module = module.eval().requires_grad_(False)
 
     def encode(self, hidden: torch.Tensor) -> bytes:
-        with torch.inference_mode():
+        with _inference():
             return self.module.compress(hidden)
 
     def decode(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
-        with torch.inference_mode():
+        with _inference():
             return self.module.decompress(body, tokens)
 
     def decode_bodies(
