@@ -391,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training files (STS-B csv or text<TAB>label tsv); default: STS-B train minus its last 500 pairs, "
         "plus the first 20,000 SST-2 train sentences",
     )
+    train.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CODEC",
+        help="start from this shipped codec of the model (or a codec .safetensors file) instead of a fresh one "
+        "fitted to the data: more training for it; the options must be the ones it was trained with",
+    )
     train.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME)")
     train.add_argument("--name", default=None, help="codec name (default: KIND-sSPLIT-...)")
     train.add_argument("--install", action="store_true", help="ship the result: copy it into the codec package")

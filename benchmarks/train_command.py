@@ -10,6 +10,7 @@ import torch
 from splitwire.benchmarks import datasets
 from splitwire.benchmarks.shipping import install_checkpoint
 from splitwire.codec.base import CodecKind
+from splitwire.codec.catalog import CHECKPOINT_DIR, MANIFEST_NAME, CheckpointEntry
 from splitwire.codec.fitted import PcaModel, UniformModel
 from splitwire.codec.learned import CodingModel, save_checkpoint
 from splitwire.codec.train import TrainConfig, train_codec
@@ -54,6 +55,27 @@ def _hidden_samples(model: LoadedModel, split: int, texts: list[str]) -> torch.T
     return torch.cat(samples)
 
 
+def initial_checkpoint(model: LoadedModel, kind: CodecKind, split: int, name: str) -> tuple[Path, dict[str, object]]:
+    """The checkpoint ``--init-from`` names (a shipped codec of ``model``, or a file) and what the training
+    record says of it."""
+    path = Path(name)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise SystemExit(f"--init-from: no such file {path}")
+        return path, {"file": str(path)}
+    manifest = CHECKPOINT_DIR / MANIFEST_NAME
+    shipped = {e["name"]: e for e in json.loads(manifest.read_text())["checkpoints"]} if manifest.exists() else {}
+    if name not in shipped:
+        raise SystemExit(f"--init-from: no shipped codec named {name}")
+    entry = CheckpointEntry.from_json(shipped[name], CHECKPOINT_DIR)
+    if entry.model_fingerprint != model.fingerprint or entry.kind is not kind or entry.split != split:
+        raise SystemExit(
+            f"--init-from: {name} is a {entry.kind.label} codec for {entry.model} at split {entry.split}; "
+            f"this run trains a {kind.label} codec for {model.name} at split {split}"
+        )
+    return entry.file, {"codec": name, "steps": shipped[name].get("training", {}).get("steps")}
+
+
 def _default_name(args: argparse.Namespace) -> str:
     if args.kind == "uniform":
         return f"uniform-s{args.split}-q{args.step:g}"
@@ -94,6 +116,9 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
                 context_channels=args.context_channels,
                 raw_token_threshold=args.raw_token_threshold,
             )
+        initial = None
+        if args.init_from:
+            initial, training["initialised_from"] = initial_checkpoint(model, kind, args.split, args.init_from)
         config = TrainConfig(
             kind=kind,
             split=args.split,
@@ -109,6 +134,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             embedding_distortion=args.embedding_distortion,
             seed=args.seed,
             module=module_args,
+            init_from=None if initial is None else str(initial),
         )
         module = train_codec(model, texts, config, out, progress=None if args.no_progress else _progress_bar())
         training.update(

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from splitwire.codec.base import CodecKind
 from splitwire.codec.factorized import FactorizedModel
 from splitwire.codec.hyperprior import HyperpriorModel
-from splitwire.codec.learned import CodingModel, save_checkpoint
+from splitwire.codec.learned import CodingModel, read_checkpoint, save_checkpoint
 from splitwire.split.cut import Cut, SplitModel
 from splitwire.split.models import LoadedModel, ModelFamily
 
@@ -61,6 +61,9 @@ class TrainConfig:
     # Encoders: "cosine" (1 - cosine to the unsplit embedding) or "covariance" (see covariance_metric).
     embedding_distortion: str = "cosine"
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
+    # A trained codec's checkpoint to start from instead of fitting a fresh module to the data: more
+    # training for a shipped codec (same architecture; its tables are rebuilt at the end).
+    init_from: str | None = None
 
 
 @dataclass
@@ -217,6 +220,8 @@ def train_codec(
         torch.set_rng_state(state["torch_rng"])
         batches = make_batches(model, texts, config, rng)
         log.info("resumed %s at step %d", out_dir, step)
+    elif config.init_from is not None:
+        _load_initial(module, config.kind, Path(config.init_from))
     else:
         _fit_to_data(module, split_model, cut, batches, config.latent_scale)
 
@@ -275,6 +280,18 @@ def train_codec(
     module.eval()
     save_checkpoint(module, config.kind, out_dir / "codec.safetensors")
     return module
+
+
+def _load_initial(module: CodingModel, kind: CodecKind, path: Path) -> None:
+    """Start from the weights in ``path``; refuse a checkpoint of another kind or configuration."""
+    label, config, tensors = read_checkpoint(path)
+    if label != kind.label or config != module.config:
+        raise ValueError(
+            f"{path} holds a {label} codec configured {config}; this run builds a {kind.label} codec configured "
+            f"{module.config}: give the options it was trained with"
+        )
+    module.load_state_dict(tensors)
+    log.info("starting from %s", path)
 
 
 def _fit_to_data(

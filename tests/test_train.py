@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from splitwire.benchmarks.train_command import initial_checkpoint
 from splitwire.codec.base import CodecKind
 from splitwire.codec.train import (
     TrainConfig,
@@ -65,6 +66,40 @@ def test_resuming_with_another_configuration_is_refused(tiny_bert: LoadedModel, 
     train_codec(tiny_bert, TEXTS, config(5), tmp_path)
     with pytest.raises(ValueError, match="another configuration"):
         train_codec(tiny_bert, TEXTS, config(6), tmp_path)
+
+
+def test_training_from_a_trained_checkpoint_continues_where_it_stopped(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    trained = train_codec(tiny_bert, TEXTS, config(40), tmp_path / "first")
+    first_losses: dict[str, float] = {}
+
+    def first_loss(label: str):
+        def record(step: int, total: int, stats: dict[str, float]) -> None:
+            first_losses.setdefault(label, stats["bpt"] + 50.0 * stats["dist"])
+
+        return record
+
+    start = str(tmp_path / "first" / "codec.safetensors")
+    unchanged = train_codec(tiny_bert, TEXTS, replace(config(0), init_from=start), tmp_path / "zero")
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(unchanged.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    train_codec(tiny_bert, TEXTS, replace(config(1), seed=3), tmp_path / "fresh", progress=first_loss("fresh"))
+    more = replace(config(1), seed=3, init_from=start)
+    train_codec(tiny_bert, TEXTS, more, tmp_path / "more", progress=first_loss("more"))
+    assert first_losses["more"] < first_losses["fresh"]
+
+
+def test_training_from_a_checkpoint_of_another_configuration_is_refused(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    train_codec(tiny_bert, TEXTS, config(2), tmp_path / "first")
+    other = replace(config(2, hidden=24), init_from=str(tmp_path / "first" / "codec.safetensors"))
+    with pytest.raises(ValueError, match="give the options it was trained with"):
+        train_codec(tiny_bert, TEXTS, other, tmp_path / "other")
+
+
+def test_init_from_names_a_shipped_codec_of_the_same_model_kind_and_split(tiny_bert: LoadedModel) -> None:
+    with pytest.raises(SystemExit, match="no shipped codec named nothing-such"):
+        initial_checkpoint(tiny_bert, CodecKind.HYPERPRIOR, 5, "nothing-such")
+    with pytest.raises(SystemExit, match="codec for all-MiniLM-L6-v2 at split 5; this run trains"):
+        initial_checkpoint(tiny_bert, CodecKind.HYPERPRIOR, 5, "hyperprior-s5-c400")
 
 
 def test_token_gate_training_keeps_the_first_token(tiny_bert: LoadedModel, tmp_path: Path) -> None:
