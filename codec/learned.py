@@ -196,7 +196,7 @@ class FusedResidual:
         per sequence ``(N, s)``, and each sequence's token count ``(N,)``."""
         width = x.shape[-1]
         bias = torch.addmm(self.first_bias, shared, self.first_weight[width:]).repeat_interleave(counts, dim=0)
-        return self.finish(torch.addmm(bias, x, self.first_weight[:width]))
+        return self.finish(bias.addmm_(x, self.first_weight[:width]))
 
     def token_mean(self, x: torch.Tensor, first_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """``self(x).mean(0)``, ``(T, in)`` -> ``(out,)``: the maps outside the nonlinearity act on means.
