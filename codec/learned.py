@@ -386,7 +386,7 @@ class LearnedCodec(Codec):
     ) -> list[torch.Tensor | BitstreamError]:
         if len(parsed) < 2:
             return super().decode_bodies(parsed)
-        with torch.inference_mode():
+        with _inference():
             decoded = self.module.decompress_many([(body, header.kept_tokens) for header, body in parsed])
         results: list[torch.Tensor | BitstreamError] = []
         for hidden in decoded:
@@ -397,7 +397,7 @@ class LearnedCodec(Codec):
         return results
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
-        with torch.inference_mode():
+        with _inference():
             return self.module.estimate_bits(hidden)
 
     def select_tokens(self, hidden: torch.Tensor) -> np.ndarray | None:
