@@ -25,7 +25,7 @@ and one JSON line of per-direction counts goes to standard output.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import errno
 import fcntl
 import heapq
 import json
@@ -110,8 +110,15 @@ def forward(wires: dict[int, tuple[Wire, int]], stop: list[bool]) -> None:
         now = time.monotonic()
         while in_flight and in_flight[0][0] <= now:
             _, _, target, packet = heapq.heappop(in_flight)
-            with contextlib.suppress(BlockingIOError):  # the kernel's queue is full: the packet is lost
+            try:
                 os.write(target, packet)
+            except BlockingIOError:  # the kernel's queue is full: the packet is lost
+                pass
+            except OSError as error:
+                # EIO: the target device is not up yet (the caller brings the ends up one after the
+                # other, and the first may already be sending): the packet is lost, as on a dead wire.
+                if error.errno != errno.EIO:
+                    raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ than its bandwidth and round trip allow.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -147,6 +148,33 @@ def test_namespace_link_loses_packets_and_tcp_recovers() -> None:
     assert exchanged >= 0.01 + 200_000 * 8 / 1e8
     if link.packet_counts:  # the user-space emulator counts what it did
         assert link.packet_counts["up"]["lost"] >= sent - received
+
+
+@pytest.mark.skipif(not PERMITTED, reason=f"network namespaces not permitted here: {WHY_NOT}")
+def test_tun_emulator_survives_packets_for_an_end_that_is_not_up_yet() -> None:
+    """The link brings its two ends up one after the other; what the first sends meanwhile is lost."""
+    tag = os.getpid() % 100_000
+    near, far = f"swt{tag}a", f"swt{tag}b"
+    near_address, far_address = f"10.250.{tag % 256}.1", f"10.250.{tag % 256}.2"
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "splitwire.benchmarks.tun_link", "--near", near, "--far", far, "--rate-bps", "1e8",
+         "--delay-ms", "0", "--queue-bytes", "100000"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert emulator.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "addr", "add", near_address, "peer", far_address, "dev", near], check=True)
+        subprocess.run(["ip", "link", "set", near, "up"], check=True)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for _ in range(5):
+                sender.sendto(b"x", (far_address, 9))
+        time.sleep(0.3)
+        assert emulator.poll() is None, "the emulator died on a packet for a device that is down"
+    finally:
+        emulator.terminate()
+        out, _ = emulator.communicate(timeout=5)
+    assert emulator.returncode == 0
+    assert json.loads(out.splitlines()[-1])["up"]["delivered"] >= 5
 
 
 def test_compare_runs_every_configuration_through_a_started_server(tmp_path: Path) -> None:
