@@ -306,15 +306,20 @@ class HyperpriorModel(CodingModel):
             scale_index.numpy(),
         )
 
-    @staticmethod
-    def _groups(scale_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Main symbols grouped by scale index: flat positions in coding order, group indices, group sizes."""
-        flat = scale_index.ravel()
-        # A stable sort of 16-bit keys is a radix sort in NumPy, several times faster than on int64.
-        order = np.argsort(flat.astype(np.int16), kind="stable")
-        counts = np.bincount(flat)
-        present = np.flatnonzero(counts)
-        return order, present, counts[present]
+    def _coding_order(self, scale_index: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, list[list[int]]]:
+        """How the main symbols of bodies stacked ``(sum T, C)`` (``counts`` tokens each) are coded: body by
+        body, grouped by scale index ascending, in their flat order within a group. Returns their flat
+        positions in that order and, per body, the number of symbols at each scale index (Python ints:
+        the coding loops index with them)."""
+        scales = len(self._coding_models().main)
+        keys = scale_index.ravel()
+        if len(counts) > 1:
+            body_of_row = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+            keys = (body_of_row[:, None] * scales + scale_index).ravel()
+        # A stable sort of 16-bit keys is a radix sort in NumPy, several times faster than wider ones.
+        order = np.argsort(keys.astype(np.int16) if len(counts) * scales < 2**15 else keys, kind="stable")
+        sizes = np.bincount(keys, minlength=len(counts) * scales).reshape(len(counts), scales)
+        return order, sizes.tolist()
 
     def compress(self, hidden: torch.Tensor) -> bytes:
         if not self.raw_token_threshold:
@@ -366,7 +371,7 @@ class HyperpriorModel(CodingModel):
     def _compress_coded(self, hidden: torch.Tensor) -> bytes:
         symbols = self._symbols(hidden)
         models = self._coding_models()
-        order, present, sizes = self._groups(symbols.scale_index)
+        order, (sizes,) = self._coding_order(symbols.scale_index, [symbols.scale_index.shape[0]])
         # Main symbols in coding order, as indices into their scale's table.
         values = symbols.main.ravel()[order] + models.half_widths[symbols.scale_index.ravel()[order]]
         stream = CodedStream()
@@ -377,9 +382,10 @@ class HyperpriorModel(CodingModel):
         for g in range(self.side_channels):
             stream.push(side[g], models.side[g])
         start = 0
-        for s, size in zip(present, sizes, strict=True):
-            stream.push(values[start : start + size], models.main[s])
-            start += size
+        for model, size in zip(models.main, sizes, strict=True):
+            if size:
+                stream.push(values[start : start + size], model)
+                start += size
         return stream.to_bytes()
 
     def _decompress_coded(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
@@ -413,23 +419,18 @@ class HyperpriorModel(CodingModel):
         contexts = models.context_range.values(np.stack([context for _, _, context, _ in read]))
         sides = models.side_range.values(np.concatenate([side.T for *_, side in read]))
         mean, scale_index = models.side_network.per_sequence(sides, contexts, torch.tensor(counts))
-        scale_index = scale_index.numpy()
-        latents, kept = [], []
-        start = 0
-        for position, ((index, stream, _, _), count) in enumerate(zip(read, counts, strict=True)):
-            rows = slice(start, start + count)
-            start += count
-            try:
-                latents.append(torch.from_numpy(self._read_main(stream, scale_index[rows])) + mean[rows])
-            except BitstreamError as exc:
-                results[index] = exc
-                continue
-            kept.append(position)
+        main, failures = self._read_mains([stream for _, stream, _, _ in read], scale_index.numpy(), counts)
+        kept = [position for position, failure in enumerate(failures) if failure is None]
+        for position, failure in enumerate(failures):
+            if failure is not None:
+                results[read[position][0]] = failure
         if kept:
+            latents = torch.from_numpy(main).add_(mean).float()
             kept_counts = [counts[position] for position in kept]
-            hidden = models.synthesis.with_shared_per_sequence(
-                torch.cat(latents).float(), contexts[kept].float(), torch.tensor(kept_counts)
-            )
+            if len(kept) < len(read):
+                rows = np.repeat(np.isin(np.arange(len(read)), kept), counts)
+                latents, contexts = latents[torch.from_numpy(rows)], contexts[kept]
+            hidden = models.synthesis.with_shared_per_sequence(latents, contexts.float(), torch.tensor(kept_counts))
             for position, rows in zip(kept, hidden.split(kept_counts), strict=True):
                 results[read[position][0]] = rows
         return results  # type: ignore[return-value]
@@ -450,15 +451,38 @@ class HyperpriorModel(CodingModel):
     def _read_main(self, stream: CodedStream, scale_index: np.ndarray) -> np.ndarray:
         """The rest of a coded body: the main symbols ``(T, C)``, signed, float64, given their scale
         indices ``(T, C)``; the body must end with them."""
+        main, (failure,) = self._read_mains([stream], scale_index, [scale_index.shape[0]])
+        if failure is not None:
+            raise failure
+        return main
+
+    def _read_mains(
+        self, streams: Sequence[CodedStream], scale_index: np.ndarray, counts: Sequence[int]
+    ) -> tuple[np.ndarray, list[BitstreamError | None]]:
+        """:meth:`_read_main` for several bodies at once: their scale indices stacked ``(sum T, C)`` and each
+        one's token count -> the main symbols ``(sum T, C)`` and, per body, None or why it did not decode
+        (its rows then hold nothing meaningful)."""
         models = self._coding_models()
-        order, present, sizes = self._groups(scale_index)
-        indices = np.concatenate(
-            [stream.pop(int(size), models.main[s]) for s, size in zip(present, sizes, strict=True)]
-        )
-        stream.finish()
+        order, group_sizes = self._coding_order(scale_index, counts)
+        indices = np.zeros(scale_index.size, dtype=np.int64)  # table indices in coding order
+        failures: list[BitstreamError | None] = []
+        position = 0
+        for stream, sizes in zip(streams, group_sizes, strict=True):
+            end = position + sum(sizes)
+            try:
+                for model, size in zip(models.main, sizes, strict=True):
+                    if size:
+                        indices[position : position + size] = stream.pop(size, model)
+                        position += size
+                stream.finish()
+                failures.append(None)
+            except BitstreamError as exc:
+                failures.append(exc)
+            position = end
         main = np.empty(scale_index.size, dtype=np.float64)
-        main[order] = indices - models.half_widths[np.repeat(present, sizes)]
-        return main.reshape(scale_index.shape)
+        main[order] = indices
+        main -= models.half_widths[scale_index.ravel()]
+        return main.reshape(scale_index.shape), failures
 
     def estimate_bits(self, hidden: torch.Tensor) -> float:
         raw = self.raw_tokens(hidden)
