@@ -298,11 +298,13 @@ class HyperpriorModel(CodingModel):
         context = models.context_range.clamp(context)
         mean, scale_index = models.side_network(side, context)
         half = torch.take(models.half_widths_tensor, scale_index)
-        main = torch.round(y.double() - mean).clamp_(-half, half)
+        # Each main symbol as an index into its scale's table, which covers -half .. half; int32, as the
+        # entropy coder takes them.
+        main = torch.round(y.double() - mean).clamp_(-half, half).add_(half)
         return _Symbols(
             models.context_range.indices(context),
             models.side_range.indices(side),
-            main.long().numpy(),
+            main.int().numpy(),
             scale_index.numpy(),
         )
 
@@ -372,8 +374,7 @@ class HyperpriorModel(CodingModel):
         symbols = self._symbols(hidden)
         models = self._coding_models()
         order, (sizes,) = self._coding_order(symbols.scale_index, [symbols.scale_index.shape[0]])
-        # Main symbols in coding order, as indices into their scale's table.
-        values = symbols.main.ravel()[order] + models.half_widths[symbols.scale_index.ravel()[order]]
+        values = symbols.main.ravel()[order]  # in coding order
         stream = CodedStream()
         # What the decoder needs first comes first: the context, the side channels 0..G-1, then the
         # main symbols grouped by scale index, ascending.
@@ -496,18 +497,17 @@ class HyperpriorModel(CodingModel):
         symbols = self._symbols(hidden)
         side_counts, scale_counts = self.side_counts.numpy(), self.scale_counts.numpy()
         context_counts = self.context_counts.numpy()
-        half = self.scale_half_widths.numpy()
         bits = sum(table_bits(context_counts[c], symbols.context[c : c + 1]) for c in range(self.context_channels))
         bits += sum(table_bits(side_counts[g], symbols.side[:, g]) for g in range(self.side_channels))
         for s in np.unique(symbols.scale_index):
             where = symbols.scale_index == s
-            bits += table_bits(scale_counts[s], symbols.main[where] + half[s])
+            bits += table_bits(scale_counts[s], symbols.main[where])
         return float(bits)
 
 
 @dataclass(frozen=True)
 class _Symbols:
-    """One sequence's symbols: context and side as table indices, main as signed values."""
+    """One sequence's symbols as indices into their tables: context, side, and main (its scale's table)."""
 
     context: np.ndarray  # (Cc,)
     side: np.ndarray  # (T, G)
@@ -531,8 +531,8 @@ class _TableRange:
         return torch.round(values.double()).clamp_(self.low, self.high)
 
     def indices(self, values: torch.Tensor) -> np.ndarray:
-        """Clamped values -> indices into the tables."""
-        return (values - self.low).long().numpy()
+        """Clamped values -> indices into the tables (int32, as the entropy coder takes them)."""
+        return (values - self.low).int().numpy()
 
     def values(self, indices: np.ndarray) -> torch.Tensor:
         """Indices into the tables -> values (float64)."""
