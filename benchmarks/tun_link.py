@@ -58,7 +58,10 @@ def open_tun(name: str) -> int:
 
 @dataclass
 class Wire:
-    """One direction of the link: when each packet arrives at the far end, or None when it does not."""
+    """One direction of the link: when each packet arrives at the far end, or None when it does not.
+
+    ``delivered`` counts packets the far end's device took; ``target_drops`` those it refused (its queue
+    full, or the device not up yet)."""
 
     rate_bps: float
     delay_s: float
@@ -69,6 +72,7 @@ class Wire:
     delivered: int = 0
     lost: int = 0
     queue_drops: int = 0
+    target_drops: int = 0
 
     def admit(self, size: int, now: float) -> float | None:
         start = max(now, self.busy_until)
@@ -79,16 +83,20 @@ class Wire:
         if self.loss and self.rng.random() < self.loss:
             self.lost += 1
             return None
-        self.delivered += 1
         return self.busy_until + self.delay_s
 
     def counts(self) -> dict[str, int]:
-        return {"delivered": self.delivered, "lost": self.lost, "queue_drops": self.queue_drops}
+        return {
+            "delivered": self.delivered,
+            "lost": self.lost,
+            "queue_drops": self.queue_drops,
+            "target_drops": self.target_drops,
+        }
 
 
 def forward(wires: dict[int, tuple[Wire, int]], stop: list[bool]) -> None:
     """Move packets from each source descriptor through its wire to its target until ``stop[0]``."""
-    in_flight: list[tuple[float, int, int, bytes]] = []  # (arrival, sequence, target, packet)
+    in_flight: list[tuple[float, int, int, bytes, Wire]] = []  # (arrival, sequence, target, packet, wire)
     sequence = 0
     while not stop[0]:
         timeout = max(0.0, in_flight[0][0] - time.monotonic()) if in_flight else 0.5
@@ -105,20 +113,24 @@ def forward(wires: dict[int, tuple[Wire, int]], stop: list[bool]) -> None:
                     return
                 arrival = wire.admit(len(packet), now)
                 if arrival is not None:
-                    heapq.heappush(in_flight, (arrival, sequence, target, packet))
+                    heapq.heappush(in_flight, (arrival, sequence, target, packet, wire))
                     sequence += 1
         now = time.monotonic()
         while in_flight and in_flight[0][0] <= now:
-            _, _, target, packet = heapq.heappop(in_flight)
+            _, _, target, packet, wire = heapq.heappop(in_flight)
             try:
                 os.write(target, packet)
             except BlockingIOError:  # the kernel's queue is full: the packet is lost
-                pass
+                wire.target_drops += 1
+                continue
             except OSError as error:
-                # EIO: the target device is not up yet (the caller brings the ends up one after the
-                # other, and the first may already be sending): the packet is lost, as on a dead wire.
-                if error.errno != errno.EIO:
-                    raise
+                if error.errno == errno.EIO:
+                    # The target device is not up yet (the caller brings the ends up one after the
+                    # other, and the first may already be sending): lost, as on a dead wire.
+                    wire.target_drops += 1
+                    continue
+                return  # the device went away (torn down under us), as on the reading side
+            wire.delivered += 1
 
 
 def main(argv: list[str] | None = None) -> int:
