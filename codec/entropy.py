@@ -68,6 +68,12 @@ def categorical(counts: np.ndarray) -> constriction.stream.model.Categorical:
 # -- the coded stream ------------------------------------------------------------------------------
 
 
+def _uncodable(exc: KeyError) -> ValueError:
+    """constriction's refusal of a symbol its table cannot code, as a ValueError that says why."""
+    reason = exc.args[0] if exc.args else exc  # "Tried to encode symbol that has zero probability ..."
+    return ValueError(f"cannot entropy-code these values ({reason}); NaN in the hidden states is the usual cause")
+
+
 class CodedStream:
     """One range-coded stream per payload: symbols are pushed and popped in the same order (a queue).
 
@@ -95,7 +101,10 @@ class CodedStream:
         """Encode ``symbols`` (indices into the model's table)."""
         assert self._encoder is not None, "push() on a stream opened for reading"
         if symbols.size:
-            self._encoder.encode(np.ascontiguousarray(symbols, dtype=np.int32), model)
+            try:  # free unless it raises, unlike a context manager on this per-group path
+                self._encoder.encode(np.ascontiguousarray(symbols, dtype=np.int32), model)
+            except KeyError as exc:
+                raise _uncodable(exc) from None
 
     def pop(self, count: int, model: constriction.stream.model.Categorical) -> np.ndarray:
         """Decode ``count`` symbols pushed with ``model``."""
@@ -111,7 +120,10 @@ class CodedStream:
         """Encode ``symbols`` ``(N,)``, each with its own row of ``probabilities`` ``(N, S)``."""
         assert self._encoder is not None, "push_rows() on a stream opened for reading"
         if symbols.size:
-            self._encoder.encode(np.ascontiguousarray(symbols, dtype=np.int32), family, probabilities)
+            try:
+                self._encoder.encode(np.ascontiguousarray(symbols, dtype=np.int32), family, probabilities)
+            except KeyError as exc:
+                raise _uncodable(exc) from None
 
     def pop_rows(self, family: object, probabilities: np.ndarray) -> np.ndarray:
         assert self._decoder is not None, "pop_rows() on a stream opened for writing"

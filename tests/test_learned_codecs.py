@@ -338,3 +338,12 @@ def test_warm_up_builds_the_coding_tables_before_the_first_request() -> None:
     assert codec.module._models is None
     codec.warm_up()
     assert codec.module._models is not None
+
+
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind.startswith("hyperprior")])
+def test_hyperprior_refuses_nan_hidden_states_with_a_clear_error(kind: str) -> None:
+    """A NaN becomes a symbol outside every table: the encoder says so rather than leaking constriction's KeyError."""
+    hidden = seeded((6, WIDTH))
+    hidden[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        load_golden(kind).encode_payload(hidden)
