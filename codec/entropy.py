@@ -55,6 +55,17 @@ def quantize_pmf(pmf: np.ndarray, precision_bits: int = PRECISION_BITS) -> np.nd
     return counts
 
 
+def rounded_symbols(values: torch.Tensor) -> np.ndarray:
+    """``values`` rounded to the nearest integers, as int64 NumPy; ValueError if any is NaN or infinite.
+
+    PyTorch turns NaN and infinity into the most negative int64, which clamping into a table would then
+    hide: the payload would decode to the wrong values without a word."""
+    rounded = torch.round(values)
+    if not torch.isfinite(rounded).all():
+        raise ValueError("cannot quantize NaN or infinity: the hidden states hold non-finite values")
+    return rounded.to(torch.int64).numpy()
+
+
 def table_bits(counts: np.ndarray, symbols: np.ndarray, precision_bits: int = PRECISION_BITS) -> float:
     """Ideal code length in bits of ``symbols`` (indices into ``counts``)."""
     return float(np.sum(precision_bits - np.log2(counts[symbols].astype(np.float64))))
@@ -71,7 +82,9 @@ def categorical(counts: np.ndarray) -> constriction.stream.model.Categorical:
 def _uncodable(exc: KeyError) -> ValueError:
     """constriction's refusal of a symbol its table cannot code, as a ValueError that says why."""
     reason = exc.args[0] if exc.args else exc  # "Tried to encode symbol that has zero probability ..."
-    return ValueError(f"cannot entropy-code these values ({reason}); NaN in the hidden states is the usual cause")
+    return ValueError(
+        f"cannot entropy-code these values ({reason}); NaN or infinity in the hidden states is the usual cause"
+    )
 
 
 class CodedStream:

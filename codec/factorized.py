@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
-from splitwire.codec.entropy import CodedStream, DeepFactorizedDensity, categorical, table_bits
+from splitwire.codec.entropy import CodedStream, DeepFactorizedDensity, categorical, rounded_symbols, table_bits
 from splitwire.codec.learned import (
     CodingModel,
     LearnedCodec,
@@ -106,7 +106,7 @@ class FactorizedModel(CodingModel):
 
     def _symbols(self, hidden: torch.Tensor) -> np.ndarray:
         """``(T, D)`` -> table indices ``(T, C)``, clamped to each channel's support."""
-        y = torch.round(self.analysis(hidden.float())).to(torch.int64).numpy()
+        y = rounded_symbols(self.analysis(hidden.float()))
         lengths = (self.table_counts > 0).sum(1).numpy()
         return np.clip(y - self.table_offsets.numpy(), 0, lengths - 1)
 

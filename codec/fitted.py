@@ -26,7 +26,7 @@ import constriction
 import numpy as np
 import torch
 from splitwire.codec.base import CodecKind
-from splitwire.codec.entropy import CodedStream, categorical, quantize_pmf, table_bits
+from splitwire.codec.entropy import CodedStream, categorical, quantize_pmf, rounded_symbols, table_bits
 from splitwire.codec.learned import CodingModel, LearnedCodec, Standardizer
 
 PRIOR_TOTAL = 1 << 12  # each channel's prior counts sum to this
@@ -68,7 +68,7 @@ class UniformModel(CodingModel):
         pass
 
     def _symbols(self, hidden: torch.Tensor) -> np.ndarray:
-        y = torch.round(self.standardize(hidden.float()) / self.step).to(torch.int64).numpy()
+        y = rounded_symbols(self.standardize(hidden.float()) / self.step)
         return np.clip(y, -self.half_width, self.half_width)
 
     def _reconstruct(self, symbols: np.ndarray) -> torch.Tensor:
@@ -148,7 +148,7 @@ class PcaModel(CodingModel):
 
     def _symbols(self, hidden: torch.Tensor) -> np.ndarray:
         y = ((hidden.float() - self.mean) @ self.basis) / (self.component_std * self.step)
-        return np.clip(torch.round(y).to(torch.int64).numpy(), -self.half_width, self.half_width)
+        return np.clip(rounded_symbols(y), -self.half_width, self.half_width)
 
     def _coding_models(self) -> list:
         if self._models is None:
