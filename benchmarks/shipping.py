@@ -13,7 +13,9 @@ from pathlib import Path
 from splitwire.codec.catalog import CHECKPOINT_DIR, MANIFEST_NAME
 
 
-def _load(folder: Path) -> dict[str, list[dict[str, object]]]:
+def load_manifest(folder: Path = CHECKPOINT_DIR) -> dict[str, list[dict[str, object]]]:
+    """The manifest as stored, every field of every entry (``codec.catalog.read_manifest`` keeps the ones
+    serving needs)."""
     path = folder / MANIFEST_NAME
     return json.loads(path.read_text()) if path.exists() else {"checkpoints": []}
 
@@ -28,7 +30,7 @@ def install_checkpoint(source: Path, entry: dict[str, object], folder: Path = CH
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{entry['name']}.safetensors"
     shutil.copyfile(source, target)
-    data = _load(folder)
+    data = load_manifest(folder)
     data["checkpoints"] = [e for e in data["checkpoints"] if e["name"] != entry["name"]]
     data["checkpoints"].append({**entry, "file": target.name})
     _save(data, folder)
@@ -43,7 +45,7 @@ def record_figures(
 ) -> None:
     """Store measured dev figures under the entry ``name``, and the rate servers announce for it
     (``GetServerInfo``) when given: measured on the model's reference task (STS-B, WikiText-2)."""
-    data = _load(folder)
+    data = load_manifest(folder)
     for entry in data["checkpoints"]:
         if entry["name"] == name:
             entry.setdefault("dev", {}).update(figures)
@@ -57,7 +59,7 @@ def record_figures(
 
 def set_default(name: str, folder: Path = CHECKPOINT_DIR) -> None:
     """Make ``name`` the default codec of its model (the others of that model lose the flag)."""
-    data = _load(folder)
+    data = load_manifest(folder)
     chosen = next((e for e in data["checkpoints"] if e["name"] == name), None)
     if chosen is None:
         raise KeyError(f"no manifest entry named {name!r}")

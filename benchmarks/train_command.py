@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from splitwire.benchmarks import datasets
-from splitwire.benchmarks.shipping import install_checkpoint
+from splitwire.benchmarks.shipping import install_checkpoint, load_manifest
 from splitwire.codec.base import CodecKind
-from splitwire.codec.catalog import CHECKPOINT_DIR, MANIFEST_NAME, CheckpointEntry
+from splitwire.codec.catalog import CHECKPOINT_DIR, CheckpointEntry
 from splitwire.codec.fitted import PcaModel, UniformModel
 from splitwire.codec.learned import CodingModel, save_checkpoint
 from splitwire.codec.train import TrainConfig, train_codec
@@ -63,8 +63,7 @@ def initial_checkpoint(model: LoadedModel, kind: CodecKind, split: int, name: st
         if not path.is_file():
             raise SystemExit(f"--init-from: no such file {path}")
         return path, {"file": str(path)}
-    manifest = CHECKPOINT_DIR / MANIFEST_NAME
-    shipped = {e["name"]: e for e in json.loads(manifest.read_text())["checkpoints"]} if manifest.exists() else {}
+    shipped = {e["name"]: e for e in load_manifest()["checkpoints"]}
     if name not in shipped:
         raise SystemExit(f"--init-from: no shipped codec named {name}")
     entry = CheckpointEntry.from_json(shipped[name], CHECKPOINT_DIR)
