@@ -64,6 +64,9 @@ FRACTION_BITS = 12  # fixed-point precision of the integer h_s, per layer
 BITSTREAM_REVISION = 2
 TABLE_FAMILY = constriction.stream.model.Categorical(perfect=False)  # one row of counts per symbol
 FLOAT16_MAX = 65504.0
+# Decoded values proven below this need no finiteness check: far under float32's 3.4e38, so rounding
+# in the products cannot carry a partial sum past it.
+FINITE_OUTPUT_BOUND = 1e30
 
 
 class HyperpriorModel(CodingModel):
@@ -242,15 +245,17 @@ class HyperpriorModel(CodingModel):
         if self._models is None:
             side_sizes = (self.side_counts > 0).sum(1)
             context_sizes = (self.context_counts > 0).sum(1)
+            side_network = self._checked_side_network()
+            synthesis = self.g_s.fused(out_shift=self.standardize.mean, out_scale=self.standardize.std)
             self._models = _CodingModels(
                 context=self.context_counts.numpy().astype(np.float64),
-                context_sizes=context_sizes.numpy(),
+                context_sizes=context_sizes.tolist(),
                 side=[categorical(row[row > 0]) for row in self.side_counts.numpy()],
                 main=[categorical(row[row > 0]) for row in self.scale_counts.numpy()],
                 side_range=_TableRange.of(self.side_offsets, side_sizes),
                 context_range=_TableRange.of(self.context_offsets, context_sizes),
                 half_widths=self.scale_half_widths.numpy(),
-                side_network=self._checked_side_network(),
+                side_network=side_network,
                 analysis=_Analysis.of(
                     self.g_a.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std),
                     self.g_c.fused(in_shift=self.standardize.mean, in_scale=self.standardize.std)
@@ -258,18 +263,15 @@ class HyperpriorModel(CodingModel):
                     else None,
                 ),
                 side_analysis=self.h_a.frozen(),
-                synthesis=self.g_s.fused(out_shift=self.standardize.mean, out_scale=self.standardize.std),
+                synthesis=synthesis,
+                finite_output=self._finite_output(side_network, synthesis),
             )
         return self._models
 
     def _checked_side_network(self) -> _IntegerSideNetwork:
         """The integer h_s in float64, after proving its arithmetic stays exact."""
         w1, b1, w2, b2 = (t.double() for t in (self.hs_w1, self.hs_b1, self.hs_w2, self.hs_b2))
-        largest_input = 0.0
-        for offsets, counts in ((self.side_offsets, self.side_counts), (self.context_offsets, self.context_counts)):
-            if offsets.numel():
-                last = offsets + (counts > 0).sum(1) - 1
-                largest_input = max(largest_input, float(torch.maximum(offsets.abs(), last.abs()).max()))
+        largest_input = self._largest_side_input()
         largest_hidden = largest_input * float(w1.abs().sum(1).max()) + float(b1.abs().max())
         largest_out = largest_hidden * float(w2.abs().sum(1).max()) + float(b2.abs().max())
         if largest_out >= 2.0**52:
@@ -287,6 +289,26 @@ class HyperpriorModel(CodingModel):
             scale_bias=b2[self.channels :],
             thresholds=self.scale_thresholds.double(),
         )
+
+    def _largest_side_input(self) -> float:
+        """The largest magnitude of a value the side and context tables cover: h_s's inputs."""
+        largest = 0.0
+        for offsets, counts in ((self.side_offsets, self.side_counts), (self.context_offsets, self.context_counts)):
+            if offsets.numel():
+                last = offsets + (counts > 0).sum(1) - 1
+                largest = max(largest, float(torch.maximum(offsets.abs(), last.abs()).max()))
+        return largest
+
+    def decodes_only_finite(self) -> bool:
+        return self._coding_models().finite_output
+
+    def _finite_output(self, side_network: _IntegerSideNetwork, synthesis: FusedResidual) -> bool:
+        """Decoding is finite by construction when the synthesis cannot overflow float32 on any input a
+        body can give it: latents lie within their table's half width of an exact, bounded mean, the
+        context within its table; raw tokens are checked as they are read."""
+        largest_side = self._largest_side_input()
+        largest_latent = float(self.scale_half_widths.max()) + side_network.mean_bound(largest_side)
+        return synthesis.output_bound(max(largest_latent, largest_side)) < FINITE_OUTPUT_BOUND
 
     def _symbols(self, hidden: torch.Tensor) -> _Symbols:
         # Torch until the entropy coder: the encoder runs right after the model's front blocks, whose
@@ -442,7 +464,9 @@ class HyperpriorModel(CodingModel):
         context = np.zeros(0, dtype=np.int32)
         if self.context_channels:
             context = stream.pop_rows(TABLE_FAMILY, models.context)
-            if (context >= models.context_sizes).any():
+            # In Python: on 128 symbols it beats NumPy's comparison and reduction, which the decoder
+            # would be the first to call after the model's blocks, from cold caches.
+            if not all(map(int.__lt__, context.tolist(), models.context_sizes)):
                 raise BitstreamError("a context symbol lies outside its channel's table")
         side = np.empty((self.side_channels, tokens), dtype=np.int32)
         for g in range(self.side_channels):
@@ -601,6 +625,12 @@ class _IntegerSideNetwork:
         context_share = torch.addmm(self.bias, contexts, self.context_weight).repeat_interleave(counts, dim=0)
         return self._outputs(context_share.addmm_(side, self.side_weight))
 
+    def mean_bound(self, largest_input: float) -> float:
+        """A bound on the magnitude of the means for inputs of magnitude at most ``largest_input``."""
+        first = self.side_weight.abs().sum(0) + self.context_weight.abs().sum(0)
+        hidden = largest_input * float(first.max()) + float(self.bias.abs().max())
+        return hidden * float(self.mean_weight.abs().sum(0).max()) + float(self.mean_bias.abs().max())
+
     def _outputs(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's output ``(T, H)`` -> means and scale indices."""
         hidden = first.relu_()
@@ -613,7 +643,7 @@ class _CodingModels:
     """What coding needs, built once from the weights and tables."""
 
     context: np.ndarray  # (Cc, S) float64 counts, one row per channel: coded in one call
-    context_sizes: np.ndarray  # (Cc,) each row's support
+    context_sizes: list[int]  # (Cc,) each row's support
     side: list
     main: list
     side_range: _TableRange
@@ -629,6 +659,7 @@ class _CodingModels:
     analysis: _Analysis
     side_analysis: FrozenLayers
     synthesis: FusedResidual
+    finite_output: bool  # no body decodes to NaN or infinity (proven from the bounds when built)
 
 
 class HyperpriorCodec(LearnedCodec):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ class FusedResidual:
         # Means as products with a row of 1/T and row-vector products rather than torch's reduction and
         # matrix-vector kernels: after the model's front blocks have run, every kernel the codec is the
         # first to call starts from cold caches, and the front runs matrix products already.
-        mean_row = x.new_full((1, x.shape[0]), 1.0 / x.shape[0])
+        mean_row = _mean_row(x.shape[0], x.dtype)
         linear = torch.addmm(self.first_bias[:out], mean_row @ x, self.first_weight[:, :out])
         if not len(self.last_weight):
             return linear[0]
@@ -220,11 +221,29 @@ class FusedResidual:
             hidden = self.activation(torch.addmm(bias, hidden, weight))
         return hidden
 
+    def output_bound(self, input_bound: float) -> float:
+        """A bound on the magnitude of every output (and every partial sum on the way) for inputs of
+        magnitude at most ``input_bound``; the activations (ReLU, GELU) never make a value larger."""
+        first = input_bound * self.first_weight.double().abs().sum(0) + self.first_bias.double().abs()
+        hidden = float(first[self.out_dim :].max()) if len(self.last_weight) else 0.0
+        for weight, bias in self.inner:
+            hidden = hidden * float(weight.double().abs().sum(0).max()) + float(bias.double().abs().max())
+        if not len(self.last_weight):
+            return float(first.max())
+        return float((first[: self.out_dim] + hidden * self.last_weight.double().abs().sum(0)).max())
+
     def finish(self, first: torch.Tensor) -> torch.Tensor:
         """The rest of the transform from its first product ``x @ first_weight + first_bias``."""
         if not len(self.last_weight):
             return first
         return torch.addmm(first[:, : self.out_dim], self._hidden(first[:, self.out_dim :]), self.last_weight)
+
+
+@functools.lru_cache(maxsize=256)
+def _mean_row(tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, tokens)`` of ``1 / tokens``: a sequence's mean as a product. Kept, since filling it anew is one
+    more kernel to come to from cold caches; never written to."""
+    return torch.full((1, tokens), 1.0 / tokens, dtype=dtype)
 
 
 def principal_directions(samples: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,6 +353,11 @@ class CodingModel(nn.Module):
         """Ideal code length of ``(T, D)`` under the integer tables (what compress() should approach)."""
         raise NotImplementedError
 
+    def decodes_only_finite(self) -> bool:
+        """True when every body that decodes is proven to give finite values, so the decoder's output
+        need not be checked; False (the default) leaves the check to the codec."""
+        return False
+
     def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
         """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training;
         ``latent_scale`` > 1 starts the latents finer than one standard deviation per quantisation step."""
@@ -381,6 +405,9 @@ class LearnedCodec(Codec):
         with _inference():
             return self.module.decompress(body, tokens)
 
+    def decodes_only_finite(self) -> bool:
+        return self.module.decodes_only_finite()
+
     def decode_bodies(
         self, parsed: Sequence[tuple[container.Header, bytes | memoryview]]
     ) -> list[torch.Tensor | BitstreamError]:
@@ -391,7 +418,8 @@ class LearnedCodec(Codec):
         results: list[torch.Tensor | BitstreamError] = []
         for hidden in decoded:
             try:
-                results.append(hidden if isinstance(hidden, BitstreamError) else checked_finite(hidden))
+                finite = isinstance(hidden, BitstreamError) or self.decodes_only_finite()
+                results.append(hidden if finite else checked_finite(hidden))
             except BitstreamError as exc:
                 results.append(exc)
         return results

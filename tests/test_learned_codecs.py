@@ -10,7 +10,7 @@ import pytest
 import torch
 from splitwire.codec import hyperprior
 from splitwire.codec.base import Codec, CodecKind
-from splitwire.codec.catalog import CheckpointEntry
+from splitwire.codec.catalog import CheckpointEntry, load_checkpoint, read_manifest
 from splitwire.codec.entropy import CodedStream, DeepFactorizedDensity, categorical, quantize_pmf
 from splitwire.codec.errors import BitstreamError
 from splitwire.codec.factorized import FactorizedCodec, FactorizedModel
@@ -355,3 +355,44 @@ def test_non_finite_hidden_states_are_refused_with_a_clear_error(kind: str, bad:
         return
     with pytest.raises(ValueError, match="NaN"):
         codec.encode_payload(hidden)
+
+
+@pytest.mark.parametrize(("hidden", "layers"), [(16, 1), (16, 2), (0, 1)])
+def test_output_bound_covers_every_output(hidden: int, layers: int) -> None:
+    """The bound the hyperprior's finiteness proof rests on holds, at the corners of the input box too,
+    where a linear map reaches its largest output."""
+    torch.manual_seed(0)
+    transform = ResidualTransform(12, 10, hidden, layers)
+    for parameter in transform.parameters():
+        torch.nn.init.normal_(parameter)
+    fused = transform.fused()
+    limit = 3.0
+    corners = limit * torch.sign(torch.randn(500, 12))
+    inside = limit * (2 * torch.rand(500, 12) - 1)
+    with torch.inference_mode():
+        largest = float(fused(torch.cat([corners, inside])).abs().max())
+    bound = fused.output_bound(limit)
+    assert largest <= bound * (1 + 1e-6)
+    assert bound < 1e6  # a bound, not an overflow waved through
+
+
+def test_hyperprior_decoders_are_proven_finite_and_unproven_ones_are_checked() -> None:
+    """Decoding skips the output check only where bounded symbols and weights prove it finite; a decoder
+    the proof does not cover still refuses a body that decodes to infinity, alone and in a batch."""
+    for kind in ("hyperprior", "hyperprior-context", "hyperprior-raw"):
+        assert build(kind).decodes_only_finite(), kind
+    for kind in ("factorized", "uniform", "pca"):
+        assert not build(kind).decodes_only_finite(), kind
+    for entry in read_manifest():
+        if entry.kind is CodecKind.HYPERPRIOR:
+            assert load_checkpoint(entry, int(entry.config.get("width", 384))).decodes_only_finite(), entry.name
+    codec = build("hyperprior-context")
+    payloads = [codec.encode_payload(seeded((6, WIDTH), seed=seed)) for seed in range(3)]
+    with torch.no_grad():
+        codec.module.g_s.linear.weight.fill_(3e38)  # finite weights whose products overflow float32
+    codec.module.update_tables()  # rebuilds what coding runs, the proof with it
+    assert not codec.decodes_only_finite()
+    parsed = [codec.parse_payload(payload) for payload in payloads]
+    with pytest.raises(BitstreamError, match="non-finite"):
+        codec.decode_body(*parsed[0])
+    assert all(isinstance(result, BitstreamError) for result in codec.decode_bodies(parsed))
