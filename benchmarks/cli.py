@@ -363,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-channels", type=int, default=0, help="hyperprior: per-sequence context sent once per payload"
     )
     train.add_argument(
+        "--context-hidden",
+        type=int,
+        default=None,
+        help="hyperprior: width of the context transform's hidden layers (default: --hidden); 0 makes the "
+        "context a linear map of the mean token, which saves the encoder a product over every token",
+    )
+    train.add_argument(
         "--raw-token-threshold",
         type=float,
         default=0.0,

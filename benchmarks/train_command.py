@@ -115,6 +115,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
                 context_channels=args.context_channels,
                 raw_token_threshold=args.raw_token_threshold,
             )
+            if args.context_hidden is not None:
+                module_args["context_hidden"] = args.context_hidden
         initial = None
         if args.init_from:
             initial, training["initialised_from"] = initial_checkpoint(model, kind, args.split, args.init_from)

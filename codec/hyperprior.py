@@ -84,6 +84,7 @@ class HyperpriorModel(CodingModel):
         token_gate: bool = False,
         context_channels: int = 0,
         raw_token_threshold: float = 0.0,
+        context_hidden: int | None = None,
     ) -> None:
         super().__init__()
         if not 2 <= scale_count <= np.iinfo(np.int16).max:  # scale indices are sorted as 16-bit keys
@@ -103,6 +104,8 @@ class HyperpriorModel(CodingModel):
         }
         if raw_token_threshold:  # absent when off, so codecs trained before it keep their fingerprints
             self.config["raw_token_threshold"] = raw_token_threshold
+        if context_hidden is not None:  # likewise: absent, g_c is as wide as the other transforms
+            self.config["context_hidden"] = context_hidden
         self.width, self.raw_token_threshold = width, raw_token_threshold
         self.channels, self.side_channels = latent_channels, side_channels
         self.scale_min, self.scale_max = scale_min, scale_max
@@ -115,7 +118,9 @@ class HyperpriorModel(CodingModel):
         self.h_s = TokenMLP(side_channels + context_channels, 2 * latent_channels, hyper_hidden, 1, activation="relu")
         self.side_density = DeepFactorizedDensity(side_channels)
         if context_channels:
-            self.g_c = ResidualTransform(width, context_channels, hidden, layers)
+            self.g_c = ResidualTransform(
+                width, context_channels, hidden if context_hidden is None else context_hidden, layers
+            )
             self.context_density = DeepFactorizedDensity(context_channels)
         self.gate = TokenGate(width) if token_gate else None
         self.scales = ScaleTables.default_scales(scale_count, scale_min, scale_max)

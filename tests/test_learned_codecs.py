@@ -44,6 +44,18 @@ def build(kind: str) -> LearnedCodec:
             WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, context_channels=16, **SMALL_SCALES
         )
         cls = HyperpriorCodec
+    elif kind == "hyperprior-linear-context":  # g_c a linear map of the mean token
+        module = HyperpriorModel(
+            WIDTH,
+            latent_channels=8,
+            side_channels=4,
+            hidden=16,
+            hyper_hidden=8,
+            context_channels=16,
+            context_hidden=0,
+            **SMALL_SCALES,
+        )
+        cls = HyperpriorCodec
     elif kind == "hyperprior-raw":  # tokens beyond 5.5 travel as float16 (two of the golden input)
         module = HyperpriorModel(
             WIDTH,
@@ -64,7 +76,16 @@ def build(kind: str) -> LearnedCodec:
     return cls(kind, WIDTH, module)
 
 
-KINDS = ["factorized", "factorized-identity", "hyperprior", "hyperprior-context", "hyperprior-raw", "uniform", "pca"]
+KINDS = [
+    "factorized",
+    "factorized-identity",
+    "hyperprior",
+    "hyperprior-context",
+    "hyperprior-linear-context",
+    "hyperprior-raw",
+    "uniform",
+    "pca",
+]
 CODEC_KINDS = {kind: CodecKind[kind.split("-")[0].upper()] for kind in KINDS}
 
 GOLDEN = Path(__file__).parent / "data" / "golden"  # written by tests/data/golden/regenerate.py
@@ -396,3 +417,17 @@ def test_hyperprior_decoders_are_proven_finite_and_unproven_ones_are_checked() -
     with pytest.raises(BitstreamError, match="non-finite"):
         codec.decode_body(*parsed[0])
     assert all(isinstance(result, BitstreamError) for result in codec.decode_bodies(parsed))
+
+
+def test_a_linear_context_leaves_the_encoder_one_product_over_the_tokens() -> None:
+    """``context_hidden=0``: g_c has no hidden layer, so the encoder's one product over the tokens serves
+    g_a alone; the option is recorded only when given, so codecs trained without it keep their fingerprints."""
+    wide, linear = build("hyperprior-context").module, build("hyperprior-linear-context").module
+    assert "context_hidden" not in wide.config and linear.config["context_hidden"] == 0
+    assert wide._coding_models().analysis.weight.shape == (WIDTH, 8 + 16 + 16)
+    assert linear._coding_models().analysis.weight.shape == (WIDTH, 8 + 16)
+    hidden = seeded((9, WIDTH))
+    with torch.inference_mode():
+        _, context = linear._coding_models().analysis(hidden)
+        expected = linear.g_c(linear.standardize(hidden)).mean(0)
+    torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-4)
