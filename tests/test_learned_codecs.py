@@ -20,6 +20,13 @@ from splitwire.codec.learned import LearnedCodec, ResidualTransform, TokenMLP, l
 
 WIDTH = 32
 SMALL_SCALES = {"scale_count": 24, "scale_max": 16.0}  # small tables keep the golden files small
+SMALL_HYPERPRIOR = {"latent_channels": 8, "side_channels": 4, "hidden": 16, "hyper_hidden": 8, **SMALL_SCALES}
+HYPERPRIOR_VARIANTS: dict[str, dict[str, object]] = {
+    "hyperprior": {},
+    "hyperprior-context": {"context_channels": 16},
+    "hyperprior-linear-context": {"context_channels": 16, "context_hidden": 0},  # g_c linear in the mean token
+    "hyperprior-raw": {"raw_token_threshold": 5.5},  # tokens beyond 5.5 travel as float16 (two of the golden input)
+}
 
 
 def seeded(shape: tuple[int, ...], seed: int = 5) -> torch.Tensor:
@@ -34,39 +41,8 @@ def build(kind: str) -> LearnedCodec:
         module, cls = FactorizedModel(WIDTH, latent_channels=8, hidden=16), FactorizedCodec
     elif kind == "factorized-identity":
         module, cls = FactorizedModel(WIDTH, latent_channels=0), FactorizedCodec
-    elif kind == "hyperprior":
-        module, cls = (
-            HyperpriorModel(WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, **SMALL_SCALES),
-            HyperpriorCodec,
-        )
-    elif kind == "hyperprior-context":
-        module = HyperpriorModel(
-            WIDTH, latent_channels=8, side_channels=4, hidden=16, hyper_hidden=8, context_channels=16, **SMALL_SCALES
-        )
-        cls = HyperpriorCodec
-    elif kind == "hyperprior-linear-context":  # g_c a linear map of the mean token
-        module = HyperpriorModel(
-            WIDTH,
-            latent_channels=8,
-            side_channels=4,
-            hidden=16,
-            hyper_hidden=8,
-            context_channels=16,
-            context_hidden=0,
-            **SMALL_SCALES,
-        )
-        cls = HyperpriorCodec
-    elif kind == "hyperprior-raw":  # tokens beyond 5.5 travel as float16 (two of the golden input)
-        module = HyperpriorModel(
-            WIDTH,
-            latent_channels=8,
-            side_channels=4,
-            hidden=16,
-            hyper_hidden=8,
-            raw_token_threshold=5.5,
-            **SMALL_SCALES,
-        )
-        cls = HyperpriorCodec
+    elif kind.startswith("hyperprior"):
+        module, cls = HyperpriorModel(WIDTH, **SMALL_HYPERPRIOR, **HYPERPRIOR_VARIANTS[kind]), HyperpriorCodec
     elif kind == "uniform":
         module, cls = UniformModel(WIDTH, step=0.5), UniformCodec
     else:
