@@ -158,7 +158,10 @@ class Codec(ABC):
 
     def decode_body(self, header: container.Header, body: bytes | memoryview) -> torch.Tensor:
         """The costly half of :meth:`decode_payload`: the body of a parsed payload -> ``(T_kept, D)``."""
-        hidden = self.decode(body, header.kept_tokens)
+        return self.checked_output(self.decode(body, header.kept_tokens))
+
+    def checked_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What a decoder made of a body, checked for NaN and infinity unless this codec cannot make them."""
         return hidden if self.decodes_only_finite() else checked_finite(hidden)
 
     def decodes_only_finite(self) -> bool:

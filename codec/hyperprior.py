@@ -283,6 +283,8 @@ class HyperpriorModel(CodingModel):
             raise ValueError("side network weights are too large for exact fixed-point evaluation")
         # Scaling by a power of two moves only exponents: the means come out in latent units, still exact.
         unit = 2.0 ** -(2 * FRACTION_BITS)
+        means = slice(0, self.channels)
+        largest_mean = (largest_hidden * float(w2[means].abs().sum(1).max()) + float(b2[means].abs().max())) * unit
         w1, w2 = w1.t(), w2.t()
         return _IntegerSideNetwork(
             side_weight=w1[: self.side_channels].contiguous(),
@@ -293,6 +295,7 @@ class HyperpriorModel(CodingModel):
             scale_weight=w2[:, self.channels :].contiguous(),
             scale_bias=b2[self.channels :],
             thresholds=self.scale_thresholds.double(),
+            largest_mean=largest_mean,
         )
 
     def _largest_side_input(self) -> float:
@@ -312,7 +315,7 @@ class HyperpriorModel(CodingModel):
         body can give it: latents lie within their table's half width of an exact, bounded mean, the
         context within its table; raw tokens are checked as they are read."""
         largest_side = self._largest_side_input()
-        largest_latent = float(self.scale_half_widths.max()) + side_network.mean_bound(largest_side)
+        largest_latent = float(self.scale_half_widths.max()) + side_network.largest_mean
         return synthesis.output_bound(max(largest_latent, largest_side)) < FINITE_OUTPUT_BOUND
 
     def _symbols(self, hidden: torch.Tensor) -> _Symbols:
@@ -613,6 +616,7 @@ class _IntegerSideNetwork:
     scale_weight: torch.Tensor  # (H, C), fixed-point log-scales
     scale_bias: torch.Tensor
     thresholds: torch.Tensor  # (scales - 1,) fixed-point log-scales between neighbouring scales
+    largest_mean: float  # a bound on the means' magnitude over every input the tables allow
 
     def __call__(self, side: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Side values ``(T, G)`` and context values ``(Cc,)`` -> means ``(T, C)`` and scale indices ``(T, C)``."""
@@ -629,12 +633,6 @@ class _IntegerSideNetwork:
         context values per sequence ``(N, Cc)``, and each sequence's token count ``(N,)``."""
         context_share = torch.addmm(self.bias, contexts, self.context_weight).repeat_interleave(counts, dim=0)
         return self._outputs(context_share.addmm_(side, self.side_weight))
-
-    def mean_bound(self, largest_input: float) -> float:
-        """A bound on the magnitude of the means for inputs of magnitude at most ``largest_input``."""
-        first = self.side_weight.abs().sum(0) + self.context_weight.abs().sum(0)
-        hidden = largest_input * float(first.max()) + float(self.bias.abs().max())
-        return hidden * float(self.mean_weight.abs().sum(0).max()) + float(self.mean_bias.abs().max())
 
     def _outputs(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's output ``(T, H)`` -> means and scale indices."""

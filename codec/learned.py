@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from splitwire.codec import container
-from splitwire.codec.base import Codec, CodecKind, checked_finite
+from splitwire.codec.base import Codec, CodecKind
 from splitwire.codec.errors import BitstreamError, each_or_error
 from torch import nn
 
@@ -418,8 +418,7 @@ class LearnedCodec(Codec):
         results: list[torch.Tensor | BitstreamError] = []
         for hidden in decoded:
             try:
-                finite = isinstance(hidden, BitstreamError) or self.decodes_only_finite()
-                results.append(hidden if finite else checked_finite(hidden))
+                results.append(hidden if isinstance(hidden, BitstreamError) else self.checked_output(hidden))
             except BitstreamError as exc:
                 results.append(exc)
         return results
