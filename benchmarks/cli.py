@@ -388,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="factorized, hyperprior: start rounding at 1/SCALE standard deviations (larger: finer, more bits)",
     )
+    train.add_argument(
+        "--shared-step",
+        action="store_true",
+        help="hyperprior: start from the hidden states' own principal components, all rounded with one step "
+        "(1/SCALE of their root-mean-square deviation), so weak components get few bits; default: whitened "
+        "components, each rounded at 1/SCALE of its own deviation",
+    )
     train.add_argument("--step", type=float, default=0.5, help="uniform, pca: quantisation step in standard deviations")
     train.add_argument("--components", type=int, default=64, help="pca")
     train.add_argument(

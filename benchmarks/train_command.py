@@ -130,6 +130,7 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             or (DECODER_WINDOW if model.family is ModelFamily.DECODER else ENCODER_TRUNCATION),
             lr=args.lr,
             latent_scale=args.latent_scale,
+            shared_step=args.shared_step,
             warmup_steps=args.warmup_steps,
             transform_lr_scale=args.transform_lr_scale,
             embedding_distortion=args.embedding_distortion,

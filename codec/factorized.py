@@ -62,9 +62,11 @@ class FactorizedModel(CodingModel):
     # -- training -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
+    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0, shared_step: bool = False) -> None:
         """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent, with a
         quantisation step of 1 / ``latent_scale`` standard deviations."""
+        if shared_step:
+            raise ValueError("the factorized codec learns a step per latent channel; shared_step is for the hyperprior")
         self.standardize.fit(samples)
         with torch.no_grad():
             self.log_step.fill_(-math.log(latent_scale))

@@ -157,17 +157,33 @@ class HyperpriorModel(CodingModel):
         return 16.0 * self.width + 8.0
 
     @torch.no_grad()
-    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
-        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent:
-        whitened components times ``latent_scale`` (rounding then starts at 1 / latent_scale standard
-        deviations; a finer start suits distortions that punish small errors, such as an LM's KL)."""
+    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0, shared_step: bool = False) -> None:
+        """Standardise with ``samples``' statistics and start the transforms as PCA onto the latent.
+
+        By default the latents are the standardised samples' whitened components times ``latent_scale``:
+        rounding starts at 1 / latent_scale of each component's standard deviation, so every component
+        gets about the same bits (a finer start suits distortions that punish small errors, such as an
+        LM's KL). With ``shared_step`` they are the principal components of the hidden states themselves,
+        all rounded with one step, 1 / latent_scale of their root-mean-square standard deviation: the
+        allocation that minimises the squared error for the bits (reverse water-filling), where weak
+        components cost little or nothing.
+        """
         samples = samples[~self.raw_tokens(samples)]
         self.standardize.fit(samples)
-        basis, std = principal_directions(self.standardize(samples), self.channels)
-        self.g_a.init_linear(basis / std * latent_scale)
+        standardized = self.standardize(samples)
+        channel_std = self.standardize.std
+        if shared_step:
+            basis, std = principal_directions(standardized * channel_std, self.channels)
+            step = std.square().mean().sqrt() / latent_scale
+            analysis = channel_std[:, None] * basis / step
+            synthesis = basis.t() * step / channel_std
+        else:
+            basis, std = principal_directions(standardized, self.channels)
+            analysis = basis / std * latent_scale
+            synthesis = (basis * std).t() / latent_scale
+        self.g_a.init_linear(analysis)
         # The context starts with no say in the reconstruction; training gives it one.
-        synthesis = torch.cat([(basis * std).t() / latent_scale, torch.zeros(self.context_channels, basis.shape[0])])
-        self.g_s.init_linear(synthesis)
+        self.g_s.init_linear(torch.cat([synthesis, torch.zeros(self.context_channels, basis.shape[0])]))
         if self.context_channels:
             context_basis, context_std = principal_directions(self.standardize(samples), self.context_channels)
             self.g_c.init_linear(context_basis / context_std)

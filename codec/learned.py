@@ -358,9 +358,10 @@ class CodingModel(nn.Module):
         need not be checked; False (the default) leaves the check to the codec."""
         return False
 
-    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0) -> None:
+    def fit(self, samples: torch.Tensor, latent_scale: float = 1.0, shared_step: bool = False) -> None:
         """Set data-dependent statistics from ``samples`` ``(N, D)`` (real tokens' hidden states) before training;
-        ``latent_scale`` > 1 starts the latents finer than one standard deviation per quantisation step."""
+        ``latent_scale`` > 1 starts the latents finer than one standard deviation per quantisation step;
+        ``shared_step``: one step for every latent rather than one per latent's spread (codecs that offer it)."""
         raise NotImplementedError
 
     def keep_mask(self, hidden: torch.Tensor) -> np.ndarray | None:

@@ -53,6 +53,7 @@ class TrainConfig:
     max_tokens: int = 64  # encoders: longer sentences are truncated; decoders: the window length
     checkpoint_every: int = 250
     latent_scale: float = 1.0  # initial latents: whitened components times this (see CodingModel.fit)
+    shared_step: bool = False  # initial latents: principal components rounded with one step (hyperprior)
     warmup_steps: int = 0  # linear learning-rate warm-up: Adam's first steps move every weight by ~lr
     # Learning rate of the analysis/synthesis transforms (g_*) relative to the entropy models. Adam moves
     # every weight by about lr per step whatever its size; a wide PCA-initialised transform has small
@@ -223,7 +224,7 @@ def train_codec(
     elif config.init_from is not None:
         _load_initial(module, config.kind, Path(config.init_from))
     else:
-        _fit_to_data(module, split_model, cut, batches, config.latent_scale)
+        _fit_to_data(module, split_model, cut, batches, config.latent_scale, config.shared_step)
 
     def lr_at(s: int) -> float:  # linear warm-up, then cosine decay to 5%
         warm = min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0
@@ -295,7 +296,12 @@ def _load_initial(module: CodingModel, kind: CodecKind, path: Path) -> None:
 
 
 def _fit_to_data(
-    module: CodingModel, split_model: SplitModel, cut: Cut, batches: Iterator[Batch], latent_scale: float
+    module: CodingModel,
+    split_model: SplitModel,
+    cut: Cut,
+    batches: Iterator[Batch],
+    latent_scale: float,
+    shared_step: bool,
 ) -> None:
     samples = []
     with torch.no_grad():
@@ -303,4 +309,4 @@ def _fit_to_data(
             batch = next(batches)
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
             samples.append(hidden[batch.token_mask])
-    module.fit(torch.cat(samples), latent_scale)
+    module.fit(torch.cat(samples), latent_scale, shared_step)

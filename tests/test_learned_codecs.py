@@ -259,6 +259,38 @@ def test_raw_tokens_are_left_out_of_the_fitted_statistics() -> None:
     assert float(module.standardize.std[0]) < 10.0
 
 
+def _unequal_samples() -> torch.Tensor:
+    """Samples whose principal components spread from about 8 down to 0.02, in mixed-up directions."""
+    mixing = torch.linalg.qr(seeded((WIDTH, WIDTH), seed=2))[0]
+    spread = torch.logspace(0.6, -1.7, WIDTH)
+    return (seeded((4000, WIDTH), seed=12) * spread) @ mixing + 3.0
+
+
+@pytest.mark.parametrize("shared_step", [False, True])
+def test_hyperprior_starts_as_pca_with_a_step_per_component_or_one_for_all(shared_step: bool) -> None:
+    samples = _unequal_samples()
+    module = HyperpriorModel(WIDTH, latent_channels=WIDTH, side_channels=4, hidden=16)
+    module.fit(samples, latent_scale=2.0, shared_step=shared_step)
+    with torch.no_grad():
+        latents = module.g_a(module.standardize(samples))
+        restored = module.standardize.inverse(module.g_s(latents))
+    torch.testing.assert_close(restored, samples, atol=1e-3, rtol=1e-4)  # the full basis loses nothing
+    spread = latents.std(0)
+    if shared_step:  # one step, 1/2 of the components' root-mean-square deviation: weak components get few bits
+        assert float(spread.square().mean().sqrt()) == pytest.approx(2.0, rel=1e-3)
+        assert float(spread.max() / spread.min()) > 50.0
+        step = float((samples - samples.mean(0)).square().sum(1).mean().div(WIDTH).sqrt()) / 2.0
+        projected = torch.linalg.svdvals(samples - samples.mean(0)) / (len(samples) - 1) ** 0.5 / step
+        torch.testing.assert_close(spread.sort().values, projected.float().sort().values, rtol=1e-3, atol=1e-4)
+    else:  # whitened: every component rounded at 1/2 of its own deviation
+        torch.testing.assert_close(spread, torch.full((WIDTH,), 2.0), rtol=1e-3, atol=1e-3)
+
+
+def test_shared_step_is_refused_by_the_factorized_codec() -> None:
+    with pytest.raises(ValueError, match="shared_step"):
+        FactorizedModel(WIDTH, latent_channels=8, hidden=16).fit(_unequal_samples(), shared_step=True)
+
+
 @pytest.mark.parametrize("kind", ["hyperprior", "hyperprior-context"])
 def test_hyperprior_side_network_is_exact_integer_arithmetic(kind: str) -> None:
     """The float64 evaluation of h_s equals the same network in int64 arithmetic, row by row and batched."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from splitwire.benchmarks.train_command import initial_checkpoint
 from splitwire.codec.base import CodecKind
+from splitwire.codec.hyperprior import HyperpriorModel
 from splitwire.codec.train import (
     TrainConfig,
     covariance_distortion,
@@ -44,6 +45,22 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_bert: LoadedModel
     assert (tmp_path / "codec.safetensors").exists()
     assert sum(losses[-10:]) < sum(losses[:10])
     assert module.scale_counts.numel() > 0  # integer tables were built
+
+
+@pytest.mark.parametrize("shared_step", [False, True])
+def test_the_initial_fit_gets_the_configured_step(
+    tiny_bert: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_step: bool
+) -> None:
+    seen: list[tuple[float, bool]] = []
+    original = HyperpriorModel.fit
+
+    def recording_fit(self: HyperpriorModel, samples: torch.Tensor, latent_scale: float, step: bool) -> None:
+        seen.append((latent_scale, step))
+        original(self, samples, latent_scale, step)
+
+    monkeypatch.setattr(HyperpriorModel, "fit", recording_fit)
+    train_codec(tiny_bert, TEXTS, replace(config(0), latent_scale=3.0, shared_step=shared_step), tmp_path)
+    assert seen == [(3.0, shared_step)]
 
 
 def test_training_resumes_from_its_last_state(tiny_bert: LoadedModel, tmp_path: Path) -> None:
