@@ -185,7 +185,7 @@ class HyperpriorModel(CodingModel):
         # The context starts with no say in the reconstruction; training gives it one.
         self.g_s.init_linear(torch.cat([synthesis, torch.zeros(self.context_channels, basis.shape[0])]))
         if self.context_channels:
-            context_basis, context_std = principal_directions(self.standardize(samples), self.context_channels)
+            context_basis, context_std = principal_directions(standardized, self.context_channels)
             self.g_c.init_linear(context_basis / context_std)
 
     def _mean_scale(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
