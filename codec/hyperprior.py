@@ -173,7 +173,7 @@ class HyperpriorModel(CodingModel):
         standardized = self.standardize(samples)
         channel_std = self.standardize.std
         if shared_step:
-            basis, std = principal_directions(standardized * channel_std, self.channels)
+            basis, std = principal_directions(samples, self.channels)  # it centres them itself
             step = std.square().mean().sqrt() / latent_scale
             analysis = channel_std[:, None] * basis / step
             synthesis = basis.t() * step / channel_std
