@@ -7,6 +7,7 @@ on the same data in the same run.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -155,10 +156,46 @@ def spearman_x100(predicted: np.ndarray, gold: np.ndarray) -> float:
     return float(100.0 * spearmanr(predicted, gold).statistic)
 
 
+def pair_cosines(embeddings: dict[str, torch.Tensor], pairs: Sequence[SentencePair]) -> np.ndarray:
+    """Cosine similarity of each pair's (unit-length) sentence embeddings."""
+    return np.array([float(torch.dot(embeddings[p.first], embeddings[p.second])) for p in pairs])
+
+
 def stsb_quality(embeddings: dict[str, torch.Tensor], pairs: Sequence[SentencePair]) -> float:
     """Spearman x 100 between cosine similarity and the gold scores."""
-    cos = np.array([float(torch.dot(embeddings[p.first], embeddings[p.second])) for p in pairs])
-    return spearman_x100(cos, np.array([p.score for p in pairs]))
+    return spearman_x100(pair_cosines(embeddings, pairs), np.array([p.score for p in pairs]))
+
+
+def paired_ratio_interval(
+    score: Callable[[np.ndarray], float],
+    coded: np.ndarray,
+    reference: np.ndarray,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``score(coded) / score(reference)``.
+
+    ``coded`` and ``reference`` hold one row per unit (a pair, a sentence, a window) in the same order;
+    each resample draws the same rows from both, so what the two runs share (which inputs are hard)
+    cancels and the interval reflects how the codec's effect varies across inputs. Seeded: the same
+    rows give the same interval. A resample whose reference scores zero or not at all (a Spearman over
+    tied gold scores, on a handful of rows) is left out; with none left, the interval is NaN."""
+    if len(coded) != len(reference) or not len(coded):
+        raise ValueError(f"paired rows needed: {len(coded)} coded against {len(reference)} reference")
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(coded), len(coded))
+        denominator = score(reference[rows])
+        if math.isfinite(denominator) and denominator != 0.0:
+            ratios.append(score(coded[rows]) / denominator)
+    ratios = [r for r in ratios if math.isfinite(r)]
+    if not ratios:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 def codec_overhead_ratio(model: LoadedModel, cut: Cut, codec: Codec, tokens: int = 32, repeats: int = 50) -> float:

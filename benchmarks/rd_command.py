@@ -17,8 +17,10 @@ from splitwire.benchmarks.rd import (
     RateRow,
     codec_overhead_ratio,
     next_token_loss,
+    pair_cosines,
+    paired_ratio_interval,
     run_through_codec,
-    stsb_quality,
+    spearman_x100,
     task_output,
     tokenized,
 )
@@ -28,6 +30,8 @@ from splitwire.split.cut import Cut
 from splitwire.split.models import LoadedModel, ModelFamily, load_model
 
 log = logging.getLogger(__name__)
+
+BOOTSTRAP_RESAMPLES = 1000
 
 QUALITY_NAMES = {
     "stsb": "STS-B Spearman x100",
@@ -44,13 +48,22 @@ class Task:
     sequences: list[torch.Tensor]  # token ids (1, T) each
     output: Output = staticmethod(task_output)
     data: Path
+    unit: str  # what the bootstrap resamples: the rows of units()
+
+    def units(self, outputs: torch.Tensor) -> np.ndarray:
+        """One row per scored unit (a pair, a sentence, a window): what the score is computed from."""
+        raise NotImplementedError
+
+    def score_units(self, units: np.ndarray) -> float:
+        raise NotImplementedError
 
     def score(self, outputs: torch.Tensor) -> float:
-        raise NotImplementedError
+        return self.score_units(self.units(outputs))
 
 
 class StsbTask(Task):
     name = "stsb"
+    unit = "pair"
 
     def __init__(self, model: LoadedModel, data: Path | None, rows: slice) -> None:
         self.data = data or datasets.STSB_DEV
@@ -58,14 +71,20 @@ class StsbTask(Task):
         self.texts = datasets.stsb_sentences(self.pairs)
         self.sequences = tokenized(model, self.texts)
 
-    def score(self, outputs: torch.Tensor) -> float:
-        return stsb_quality(dict(zip(self.texts, outputs, strict=True)), self.pairs)
+    def units(self, outputs: torch.Tensor) -> np.ndarray:
+        """Per pair: the cosine of its embeddings and its gold score."""
+        cosines = pair_cosines(dict(zip(self.texts, outputs, strict=True)), self.pairs)
+        return np.stack([cosines, np.array([p.score for p in self.pairs])], axis=1)
+
+    def score_units(self, units: np.ndarray) -> float:
+        return spearman_x100(units[:, 0], units[:, 1])
 
 
 class ClassifyTask(Task):
     """A fixed logistic-regression head, trained once on uncompressed (unsplit) embeddings."""
 
     name = "classify"
+    unit = "sentence"
 
     def __init__(
         self, model: LoadedModel, data: Path | None, train: Path | None, rows: slice, train_limit: int | None
@@ -90,8 +109,12 @@ class ClassifyTask(Task):
         self.head.fit(train_embeddings, np.array([label for _, label in training]))
         self.train_rows = len(training)
 
-    def score(self, outputs: torch.Tensor) -> float:
-        return float(100.0 * np.mean(self.head.predict(outputs.numpy()) == self.labels))
+    def units(self, outputs: torch.Tensor) -> np.ndarray:
+        """Per sentence: 1 if the head's answer is right, else 0."""
+        return (self.head.predict(outputs.numpy()) == self.labels).astype(np.float64)
+
+    def score_units(self, units: np.ndarray) -> float:
+        return float(100.0 * np.mean(units))
 
 
 class LmTask(Task):
@@ -99,6 +122,7 @@ class LmTask(Task):
     into non-overlapping windows (each window one payload, each token predicted from its window only)."""
 
     name = "lm"
+    unit = "window"
     higher_is_better = False
     output = staticmethod(next_token_loss)
 
@@ -111,9 +135,12 @@ class LmTask(Task):
         self.sequences = [torch.tensor(ids[i : i + window])[None] for i in range(0, usable - window + 1, window)]
         self.window = window
 
-    def score(self, outputs: torch.Tensor) -> float:
-        """``outputs`` ``(N, 2)``: summed loss and token count per window -> perplexity."""
-        return math.exp(float(outputs[:, 0].sum() / outputs[:, 1].sum()))
+    def units(self, outputs: torch.Tensor) -> np.ndarray:
+        """Per window: its summed loss (nats) and the number of tokens it predicts."""
+        return outputs.double().numpy()
+
+    def score_units(self, units: np.ndarray) -> float:
+        return math.exp(float(units[:, 0].sum() / units[:, 1].sum()))
 
 
 def _unsplit_batched(model: LoadedModel, texts: list[str], batch: int = 128) -> np.ndarray:
@@ -186,7 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if not any(codec.valid_at(split) for split in splits):
             raise ValueError(f"codec {name} is valid at none of splits {splits} (trained for {list(codec.splits)})")
     everything = Cut(model.num_blocks, model.num_blocks)
-    unsplit = task.score(run_through_codec(model, everything, None, task.sequences, task.output).outputs)
+    unsplit_units = task.units(run_through_codec(model, everything, None, task.sequences, task.output).outputs)
+    unsplit = task.score_units(unsplit_units)
     print(f"unsplit {model.name}: {QUALITY_NAMES[task.name]} = {unsplit:.2f} on {len(task.sequences)} inputs")
     rows: list[RateRow] = []
     for split in splits:
@@ -196,22 +224,28 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         for name in names:
             codec = catalog.get(name)
             coded = run_through_codec(model, cut, codec, task.sequences, task.output)
+            units = task.units(coded.outputs)
             row = RateRow(
                 codec=name,
                 kind=codec.kind.label,
                 split=split,
                 task=task.name,
-                quality=task.score(coded.outputs),
+                quality=task.score_units(units),
                 unsplit_quality=unsplit,
                 higher_is_better=task.higher_is_better,
                 **coded.row_fields(),
             )
             row.extra["codec_time_over_front_time_32_tokens"] = codec_overhead_ratio(model, cut, codec)
+            # relative_quality is unsplit / quality when lower is better: the ratio's operands swap with it.
+            first, second = (units, unsplit_units) if task.higher_is_better else (unsplit_units, units)
+            low, high = paired_ratio_interval(task.score_units, first, second, resamples=BOOTSTRAP_RESAMPLES)
+            if math.isfinite(low):  # NaN only on a few rows with tied gold scores: no interval then
+                row.extra["relative_quality_ci95_low"], row.extra["relative_quality_ci95_high"] = low, high
             rows.append(row)
             print(
                 f"split {split} {name:>24}: {row.bits_per_token:9.2f} bits/token "
                 f"(estimated {row.estimated_bits_per_token:8.2f}), quality {row.quality:.2f} "
-                f"({100 * row.relative_quality:.2f}% of unsplit)",
+                f"({100 * row.relative_quality:.2f}% of unsplit, 95% interval {100 * low:.2f}-{100 * high:.2f}%)",
                 flush=True,
             )
     bd = _bd_rates(rows)
@@ -232,6 +266,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "data": str(task.data),
         "rows_evaluated": len(task.sequences),
         "unsplit_quality": unsplit,
+        "relative_quality_interval": {
+            "method": f"paired percentile bootstrap over {task.unit}s, codec and unsplit resampled together",
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "level": 0.95,
+        },
         "rows": [row.to_json(fp16_bits_per_token=16.0 * model.hidden_size) for row in rows],
         "bd_rate": bd,
         "plot": str(plot),

@@ -6,11 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from splitwire.benchmarks.cli import main as bench_main
-from splitwire.benchmarks.rd import next_token_loss, run_through_codec
+from splitwire.benchmarks.rd import next_token_loss, paired_ratio_interval, run_through_codec
 from splitwire.benchmarks.rd_command import LmTask
 from splitwire.codec.raw import Fp32Codec
 from splitwire.split.cut import Cut
@@ -69,6 +70,14 @@ def test_rd_command_reports_perplexity_lower_is_better(tiny_llama: LoadedModel, 
         assert row["higher_is_better"] is False
         assert row["unsplit_quality"] == result["unsplit_quality"]
     assert rows[(2, "fp32")]["relative_quality"] == pytest.approx(1.0, rel=1e-5)
+    for row in rows.values():  # the interval brackets the ratio it is about
+        extra = row["extra"]
+        assert extra["relative_quality_ci95_low"] <= row["relative_quality"] <= extra["relative_quality_ci95_high"]
+    lossless = rows[(2, "fp32")]["extra"]
+    assert lossless["relative_quality_ci95_low"] == pytest.approx(1.0, rel=1e-5)
+    assert lossless["relative_quality_ci95_high"] == pytest.approx(1.0, rel=1e-5)
+    assert result["relative_quality_interval"]["resamples"] == 1000
+    assert "window" in result["relative_quality_interval"]["method"]
     assert 16 * 32 <= rows[(2, "fp16")]["bits_per_token"] < 16 * 32 + 8
     assert Path(result["plot"]).exists()
     Path(result["plot"]).unlink()
@@ -94,3 +103,28 @@ def test_rd_refuses_a_codec_valid_at_none_of_the_splits(capsys: pytest.CaptureFi
     argv = ["rd", "--task", "stsb", "--split", "3", "--codec", "hyperprior-s5-l500", "--json", str(tmp_path / "x.json")]
     assert bench_main(argv) == 2
     assert "hyperprior-s5-l500 is valid at none of splits [3]" in capsys.readouterr().err
+
+
+def accuracy(rows: np.ndarray) -> float:
+    return float(100.0 * rows.mean())
+
+
+def test_paired_interval_of_identical_runs_is_exactly_one() -> None:
+    rows = np.random.default_rng(1).integers(0, 2, 200).astype(float)
+    assert paired_ratio_interval(accuracy, rows, rows.copy()) == (1.0, 1.0)
+
+
+def test_paired_interval_matches_the_binomial_spread_and_is_seeded() -> None:
+    reference = np.ones(400)
+    coded = np.ones(400)
+    coded[::10] = 0.0  # 40 of 400 lost: a ratio of 0.9, standard error sqrt(0.9 * 0.1 / 400) = 0.015
+    low, high = paired_ratio_interval(accuracy, coded, reference)
+    assert low < 0.9 < high
+    assert low == pytest.approx(0.9 - 1.96 * 0.015, abs=0.01) and high == pytest.approx(0.9 + 1.96 * 0.015, abs=0.01)
+    assert paired_ratio_interval(accuracy, coded, reference) == (low, high)
+    assert paired_ratio_interval(accuracy, coded, reference, seed=1) != (low, high)
+
+
+def test_paired_interval_needs_rows_in_pairs() -> None:
+    with pytest.raises(ValueError, match="paired rows"):
+        paired_ratio_interval(accuracy, np.ones(5), np.ones(4))
