@@ -188,9 +188,9 @@ def paired_ratio_interval(
     for _ in range(resamples):
         rows = rng.integers(0, len(coded), len(coded))
         denominator = score(reference[rows])
-        if math.isfinite(denominator) and denominator != 0.0:
-            ratios.append(score(coded[rows]) / denominator)
-    ratios = [r for r in ratios if math.isfinite(r)]
+        ratio = score(coded[rows]) / denominator if math.isfinite(denominator) and denominator else math.nan
+        if math.isfinite(ratio):
+            ratios.append(ratio)
     if not ratios:
         return math.nan, math.nan
     tail = (1.0 - level) / 2.0
