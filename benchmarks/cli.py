@@ -351,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoders: 1 - cosine to the unsplit embedding, or the error weighted by the embeddings' covariance "
         "(errors along directions sentences differ along cost more)",
     )
+    train.add_argument(
+        "--head-emphasis",
+        type=float,
+        default=1.0,
+        metavar="K",
+        help="covariance distortion: weigh errors in the directions a logistic-regression head on the unsplit "
+        "embeddings reads K times as much (1: off); the head learns from --head-data",
+    )
+    train.add_argument(
+        "--head-data",
+        type=Path,
+        default=None,
+        help="text<TAB>label file the --head-emphasis head learns from; default: the first 20,000 SST-2 train "
+        "rows (the ones the default training texts include)",
+    )
     train.add_argument("--batch-tokens", type=int, default=1024)
     train.add_argument("--latent-channels", type=int, default=64, help="factorized (0: no transform), hyperprior")
     train.add_argument("--side-channels", type=int, default=8, help="hyperprior")

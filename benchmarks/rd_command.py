@@ -16,6 +16,7 @@ from splitwire.benchmarks.rd import (
     Output,
     RateRow,
     codec_overhead_ratio,
+    fit_linear_head,
     next_token_loss,
     pair_cosines,
     paired_ratio_interval,
@@ -89,8 +90,6 @@ class ClassifyTask(Task):
     def __init__(
         self, model: LoadedModel, data: Path | None, train: Path | None, rows: slice, train_limit: int | None
     ) -> None:
-        from sklearn.linear_model import LogisticRegression
-
         self.data = data or datasets.SST2_DEV
         evaluation = datasets.read_labelled(self.data)
         if train is None and data is None:
@@ -104,9 +103,7 @@ class ClassifyTask(Task):
         evaluation = evaluation[rows]
         self.sequences = tokenized(model, [text for text, _ in evaluation])
         self.labels = np.array([label for _, label in evaluation])
-        train_embeddings = _unsplit_batched(model, [text for text, _ in training])
-        self.head = LogisticRegression(max_iter=2000)
-        self.head.fit(train_embeddings, np.array([label for _, label in training]))
+        self.head = fit_linear_head(model, training)
         self.train_rows = len(training)
 
     def units(self, outputs: torch.Tensor) -> np.ndarray:
@@ -141,18 +138,6 @@ class LmTask(Task):
 
     def score_units(self, units: np.ndarray) -> float:
         return math.exp(float(units[:, 0].sum() / units[:, 1].sum()))
-
-
-def _unsplit_batched(model: LoadedModel, texts: list[str], batch: int = 128) -> np.ndarray:
-    from splitwire.split.cut import SplitModel
-
-    split_model = SplitModel(model)
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch):
-            ids, mask = model.tokenize(texts[start : start + batch])
-            chunks.append(split_model.run_unsplit(ids, mask))
-    return torch.cat(chunks).numpy()
 
 
 def _splits(arg: str | None, model: LoadedModel) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from splitwire.benchmarks import datasets
+from splitwire.benchmarks.rd import fit_linear_head
 from splitwire.benchmarks.shipping import install_checkpoint, load_manifest
 from splitwire.codec.base import CodecKind
 from splitwire.codec.catalog import CHECKPOINT_DIR, CheckpointEntry
@@ -42,6 +43,16 @@ def training_texts(files: list[Path] | None) -> tuple[list[str], list[str]]:
         else:
             texts += [text for text, _ in datasets.read_labelled(path)]
     return list(dict.fromkeys(texts)), [str(p) for p in files]
+
+
+def head_rows(path: Path | None) -> tuple[list[tuple[str, str]], str]:
+    """Labelled rows a head is fitted on for ``--head-emphasis``, and where they came from. Default: the
+    SST-2 train sentences the default training texts include, so the codec sees no other labels."""
+    if path is None:
+        return datasets.read_labelled(datasets.SST2_TRAIN)[:SST2_TRAIN_SENTENCES], (
+            f"{datasets.SST2_TRAIN.name} first {SST2_TRAIN_SENTENCES} rows"
+        )
+    return datasets.read_labelled(path), str(path)
 
 
 def _hidden_samples(model: LoadedModel, split: int, texts: list[str]) -> torch.Tensor:
@@ -134,11 +145,19 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             warmup_steps=args.warmup_steps,
             transform_lr_scale=args.transform_lr_scale,
             embedding_distortion=args.embedding_distortion,
+            head_emphasis=args.head_emphasis,
             seed=args.seed,
             module=module_args,
             init_from=None if initial is None else str(initial),
         )
-        module = train_codec(model, texts, config, out, progress=None if args.no_progress else _progress_bar())
+        head = None
+        if args.head_emphasis != 1.0:
+            rows, head_source = head_rows(args.head_data)
+            head = torch.from_numpy(fit_linear_head(model, rows).coef_)
+            training.update(head_emphasis=args.head_emphasis, head_data=head_source)
+        module = train_codec(
+            model, texts, config, out, progress=None if args.no_progress else _progress_bar(), head=head
+        )
         training.update(
             steps=args.steps, lr=args.lr, seed=args.seed, batch_tokens=args.batch_tokens, max_tokens=config.max_tokens
         )

@@ -61,6 +61,9 @@ class TrainConfig:
     transform_lr_scale: float = 1.0
     # Encoders: "cosine" (1 - cosine to the unsplit embedding) or "covariance" (see covariance_metric).
     embedding_distortion: str = "cosine"
+    # Covariance distortion: the weight of errors inside the span of a downstream head's weight vectors
+    # (see emphasised_metric), as a multiple of what the covariance alone gives them; 1 leaves it alone.
+    head_emphasis: float = 1.0
     module: dict[str, object] = field(default_factory=dict)  # constructor arguments of the codec module
     # A trained codec's checkpoint to start from instead of fitting a fresh module to the data: more
     # training for a shipped codec (same architecture; its tables are rebuilt at the end).
@@ -156,6 +159,19 @@ def covariance_distortion(output: torch.Tensor, target: torch.Tensor, metric: to
     return ((error @ metric) * error).sum(-1)
 
 
+def emphasised_metric(metric: torch.Tensor, head: torch.Tensor, emphasis: float) -> torch.Tensor:
+    """``metric`` with errors inside the row space of ``head`` (``(K, E)``, a linear head's weights)
+    weighted ``emphasis`` times as much: ``M + (emphasis - 1) P M P``, ``P`` the projector onto the rows.
+
+    A linear head turns the embedding error into a logit error through those rows only, so this is
+    where an error flips an answer; outside them the metric is unchanged.
+    """
+    basis, _ = torch.linalg.qr(head.double().t())  # (E, K), orthonormal columns spanning the rows
+    projector = basis @ basis.t()
+    inside = projector @ metric.double() @ projector
+    return (metric.double() + (emphasis - 1.0) * inside).float()
+
+
 def decoder_distortion(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(unsplit || coded) of the next-token distributions, in nats, per position ``(B, T)``."""
     teacher = F.log_softmax(teacher_logits, dim=-1)
@@ -174,8 +190,12 @@ def train_codec(
     config: TrainConfig,
     out_dir: Path,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    head: torch.Tensor | None = None,
 ) -> CodingModel:
-    """Train (or resume training) a codec and write ``out_dir/codec.safetensors``. Returns the module."""
+    """Train (or resume training) a codec and write ``out_dir/codec.safetensors``. Returns the module.
+
+    ``head``: the ``(K, E)`` weights of a linear head on the embeddings, needed when
+    ``config.head_emphasis`` is not 1 (see emphasised_metric)."""
     decoder = model.family is ModelFamily.DECODER
     if decoder and config.module.get("token_gate"):
         raise ValueError("a token gate needs an encoder: a decoder must see every token to predict the next")
@@ -208,6 +228,10 @@ def train_codec(
     if config.embedding_distortion not in ("cosine", "covariance"):
         raise ValueError(f"unknown embedding distortion {config.embedding_distortion!r}; choose cosine or covariance")
     metric = covariance_metric(teacher) if teacher is not None and config.embedding_distortion == "covariance" else None
+    if config.head_emphasis != 1.0:
+        if metric is None or head is None:
+            raise ValueError("head emphasis needs the covariance distortion of an encoder and a head's weights")
+        metric = emphasised_metric(metric, head, config.head_emphasis)
 
     batches = make_batches(model, texts, config, rng)
     if state_path.exists():

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from splitwire.benchmarks.cli import main as bench_main
-from splitwire.benchmarks.rd import next_token_loss, paired_ratio_interval, run_through_codec
-from splitwire.benchmarks.rd_command import LmTask
+from splitwire.benchmarks.rd import next_token_loss, paired_ratio_interval, run_through_codec, unsplit_outputs
+from splitwire.benchmarks.rd_command import ClassifyTask, LmTask
 from splitwire.codec.raw import Fp32Codec
 from splitwire.split.cut import Cut
 from splitwire.split.models import LoadedModel
@@ -128,3 +128,19 @@ def test_paired_interval_matches_the_binomial_spread_and_is_seeded() -> None:
 def test_paired_interval_needs_rows_in_pairs() -> None:
     with pytest.raises(ValueError, match="paired rows"):
         paired_ratio_interval(accuracy, np.ones(5), np.ones(4))
+
+
+def test_classify_without_a_training_file_trains_the_head_on_the_first_half(
+    tiny_bert: LoadedModel, tmp_path: Path
+) -> None:
+    words = ["good", "bad", "fine", "awful", "great", "poor"]
+    rows = [(f"a {words[i % 6]} film number {i}", "positive" if i % 2 == 0 else "negative") for i in range(40)]
+    data = tmp_path / "labelled.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    task = ClassifyTask(tiny_bert, data, None, slice(None), None)
+    assert task.train_rows == 20 and len(task.sequences) == 20
+    assert list(task.labels) == [label for _, label in rows[20:]]
+    outputs = torch.from_numpy(unsplit_outputs(tiny_bert, [text for text, _ in rows[20:]]))
+    units = task.units(outputs)
+    assert set(units) <= {0.0, 1.0}
+    assert task.score(outputs) == pytest.approx(100.0 * task.head.score(outputs.numpy(), task.labels))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from splitwire.benchmarks.cli import main as bench_main
 from splitwire.benchmarks.train_command import initial_checkpoint
 from splitwire.codec.base import CodecKind
 from splitwire.codec.hyperprior import HyperpriorModel
@@ -15,6 +17,7 @@ from splitwire.codec.train import (
     TrainConfig,
     covariance_distortion,
     covariance_metric,
+    emphasised_metric,
     encoder_distortion,
     train_codec,
 )
@@ -183,3 +186,53 @@ def test_training_on_the_covariance_distortion_lowers_the_loss(tiny_bert: Loaded
     assert sum(losses[-10:]) < sum(losses[:10])
     with pytest.raises(ValueError, match="unknown embedding distortion"):
         train_codec(tiny_bert, TEXTS, replace(config(1), embedding_distortion="l2"), tmp_path / "other")
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_emphasis_multiplies_the_cost_inside_the_heads_span_and_leaves_the_rest(rows: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    factor = torch.randn(16, 16, generator=generator)
+    metric = factor @ factor.t() / 16 + 0.1 * torch.eye(16)
+    head = torch.randn(rows, 16, generator=generator)
+    emphasised = emphasised_metric(metric, head, 5.0)
+    inside = torch.randn(rows, generator=generator) @ head  # an error the head reads
+    basis, _ = torch.linalg.qr(head.t())
+    outside = torch.randn(16, generator=generator)
+    outside -= basis @ (basis.t() @ outside)  # an error the head cannot see
+
+    def cost(m: torch.Tensor, e: torch.Tensor) -> float:
+        return float(e @ m @ e)
+
+    assert cost(emphasised, inside) == pytest.approx(5.0 * cost(metric, inside), rel=1e-4)
+    assert cost(emphasised, outside) == pytest.approx(cost(metric, outside), rel=1e-4)
+    assert torch.allclose(emphasised, emphasised.t())
+    assert torch.linalg.eigvalsh(emphasised.double() - metric.double()).min() > -1e-5  # never cheaper
+
+
+def test_head_emphasis_raises_the_distortion_the_codec_trains_on(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    first: dict[str, float] = {}
+    covariance = replace(config(1), embedding_distortion="covariance")
+    head = torch.randn(1, tiny_bert.hidden_size, generator=torch.Generator().manual_seed(2))
+    for label, run in [("plain", covariance), ("emphasised", replace(covariance, head_emphasis=50.0))]:
+        record = lambda step, total, stats, label=label: first.setdefault(label, stats["dist"])  # noqa: E731
+        train_codec(tiny_bert, TEXTS, run, tmp_path / label, progress=record, head=head)
+    # Same seed, so the same batch and starting codec: only the metric differs, and it charges more.
+    assert first["emphasised"] > 1.05 * first["plain"]
+    with pytest.raises(ValueError, match="head emphasis needs"):
+        train_codec(tiny_bert, TEXTS, replace(covariance, head_emphasis=4.0), tmp_path / "no-head")
+    with pytest.raises(ValueError, match="head emphasis needs"):
+        train_codec(tiny_bert, TEXTS, replace(config(1), head_emphasis=4.0), tmp_path / "cosine", head=head)
+
+
+def test_train_codec_fits_the_emphasised_head_on_the_labelled_rows(tmp_path: Path) -> None:
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("".join(f"{text}\t{'pos' if i % 2 else 'neg'}\n" for i, text in enumerate(TEXTS)))
+    out = tmp_path / "run"
+    argv = ["--threads", "1", "train-codec", "--model", "tiny-bert", "--kind", "hyperprior", "--split", "2"]
+    argv += ["--lambda", "50", "--steps", "2", "--batch-tokens", "96", "--latent-channels", "8", "--hidden", "16"]
+    argv += ["--train-data", str(labelled), "--embedding-distortion", "covariance", "--head-emphasis", "4"]
+    argv += ["--head-data", str(labelled), "--out", str(out), "--no-progress"]
+    assert bench_main(argv) == 0
+    training = json.loads((out / "entry.json").read_text())["training"]
+    assert training["head_emphasis"] == 4.0 and training["head_data"] == str(labelled)
+    assert torch.load(out / "state.pt", weights_only=False)["config"]["head_emphasis"] == 4.0
