@@ -61,6 +61,10 @@ class Task:
     def score(self, outputs: torch.Tensor) -> float:
         return self.score_units(self.units(outputs))
 
+    def against_unsplit(self, units: np.ndarray, unsplit_units: np.ndarray) -> dict[str, float]:
+        """Figures a row adds from comparing its units with the unsplit model's, unit by unit."""
+        return {}
+
 
 class StsbTask(Task):
     name = "stsb"
@@ -107,11 +111,19 @@ class ClassifyTask(Task):
         self.train_rows = len(training)
 
     def units(self, outputs: torch.Tensor) -> np.ndarray:
-        """Per sentence: 1 if the head's answer is right, else 0."""
-        return (self.head.predict(outputs.numpy()) == self.labels).astype(np.float64)
+        """Per sentence: 1 if the head's answer is right, else 0; and the answer (its index in the head's
+        classes)."""
+        answers = self.head.predict(outputs.numpy())
+        index = np.searchsorted(self.head.classes_, answers)
+        return np.stack([(answers == self.labels), index], axis=1).astype(np.float64)
 
     def score_units(self, units: np.ndarray) -> float:
-        return float(100.0 * np.mean(units))
+        return float(100.0 * np.mean(units[:, 0]))
+
+    def against_unsplit(self, units: np.ndarray, unsplit_units: np.ndarray) -> dict[str, float]:
+        """How many answers the codec changed, whichever way: its damage without the luck of which
+        changes happen to land right (accuracy nets them out)."""
+        return {"answers_changed": int(np.sum(units[:, 1] != unsplit_units[:, 1]))}
 
 
 class LmTask(Task):
@@ -221,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 **coded.row_fields(),
             )
             row.extra["codec_time_over_front_time_32_tokens"] = codec_overhead_ratio(model, cut, codec)
+            row.extra.update(task.against_unsplit(units, unsplit_units))
             # relative_quality is unsplit / quality when lower is better: the ratio's operands swap with it.
             first, second = (units, unsplit_units) if task.higher_is_better else (unsplit_units, units)
             low, high = paired_ratio_interval(task.score_units, first, second, resamples=BOOTSTRAP_RESAMPLES)

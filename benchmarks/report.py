@@ -10,23 +10,26 @@ from pathlib import Path
 def rd_table(payload: dict[str, object]) -> str:
     """One Markdown table of an ``rd`` result, rows sorted by split then rate."""
     quality = payload["quality_name"]
+    rows = sorted(payload["rows"], key=lambda r: (r["split"], r["bits_per_token"]))
+    changed = any("answers_changed" in row["extra"] for row in rows)  # classify results
     lines = [
         f"{payload['task']} on `{Path(str(payload['data'])).name}` ({payload['rows_evaluated']} inputs), "
         f"unsplit {quality}: **{payload['unsplit_quality']:.2f}**",
         "",
         f"| split | codec | bits/token | estimated | fewer bits than fp16 | {quality} | of unsplit "
-        "| 95% interval | enc+dec / front (32 tokens) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| 95% interval |{' answers changed |' if changed else ''} enc+dec / front (32 tokens) |",
+        f"|---:|---|---:|---:|---:|---:|---:|---:|{'---:|' if changed else ''}---:|",
     ]
-    rows = sorted(payload["rows"], key=lambda r: (r["split"], r["bits_per_token"]))
     for row in rows:
         overhead = row["extra"].get("codec_time_over_front_time_32_tokens", float("nan"))
         low, high = row["extra"].get("relative_quality_ci95_low"), row["extra"].get("relative_quality_ci95_high")
         interval = "" if low is None else f"{100 * low:.2f}-{100 * high:.2f}%"  # absent from older files
+        answers = f" {row['extra'].get('answers_changed', '')} |" if changed else ""
         lines.append(
             f"| {row['split']} | `{row['codec']}` | {row['bits_per_token']:.1f} "
             f"| {row['estimated_bits_per_token']:.1f} | {row.get('fewer_bits_than_fp16', 0):.0f}x "
-            f"| {row['quality']:.2f} | {100 * row['relative_quality']:.2f}% | {interval} | {100 * overhead:.1f}% |"
+            f"| {row['quality']:.2f} | {100 * row['relative_quality']:.2f}% | {interval} |{answers}"
+            f" {100 * overhead:.1f}% |"
         )
     return "\n".join(lines)
 

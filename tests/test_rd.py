@@ -142,5 +142,30 @@ def test_classify_without_a_training_file_trains_the_head_on_the_first_half(
     assert list(task.labels) == [label for _, label in rows[20:]]
     outputs = torch.from_numpy(unsplit_outputs(tiny_bert, [text for text, _ in rows[20:]]))
     units = task.units(outputs)
-    assert set(units) <= {0.0, 1.0}
+    assert set(units[:, 0]) <= {0.0, 1.0}
     assert task.score(outputs) == pytest.approx(100.0 * task.head.score(outputs.numpy(), task.labels))
+    assert task.against_unsplit(units, units) == {"answers_changed": 0}
+    # Another output for the first three sentences: each of them now answers the other class.
+    flipped = units.copy()
+    flipped[:3, 1] = 1 - flipped[:3, 1]
+    assert task.against_unsplit(flipped, units) == {"answers_changed": 3}
+    answers = task.head.predict(outputs.numpy())
+    assert list(task.head.classes_[units[:, 1].astype(int)]) == list(answers)
+
+
+def test_report_shows_answers_changed_for_classify_results_only() -> None:
+    from splitwire.benchmarks.report import rd_table
+
+    def payload(extra: dict[str, object]) -> dict[str, object]:
+        row = {"split": 5, "codec": "c", "bits_per_token": 30.0, "estimated_bits_per_token": 29.0}
+        row |= {"quality": 80.0, "relative_quality": 0.99, "extra": {"relative_quality_ci95_low": 0.97} | extra}
+        row["extra"]["relative_quality_ci95_high"] = 1.01
+        return {"quality_name": "q", "task": "t", "data": "d", "rows_evaluated": 9, "unsplit_quality": 81.0} | {
+            "rows": [row]
+        }
+
+    classify = rd_table(payload({"answers_changed": 71})).splitlines()
+    assert "answers changed" in classify[2] and classify[4].count("|") == classify[2].count("|")
+    assert "| 71 |" in classify[4]
+    other = rd_table(payload({})).splitlines()
+    assert "answers changed" not in other[2] and other[4].count("|") == other[2].count("|") == other[3].count("|")
