@@ -99,6 +99,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
     kind = CodecKind[args.kind.upper()]
     name = args.name or _default_name(args)
     out = args.out or Path("runs") / name
+    if args.head_data is not None and args.head_emphasis == 1.0:
+        raise SystemExit("--head-data names the rows of a head for --head-emphasis K; give K (not 1) as well")
     texts, sources = training_texts(args.train_data)
     training: dict[str, object] = {"data": sources, "sentences": len(texts)}
     if kind in (CodecKind.UNIFORM, CodecKind.PCA):

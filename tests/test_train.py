@@ -236,3 +236,6 @@ def test_train_codec_fits_the_emphasised_head_on_the_labelled_rows(tmp_path: Pat
     training = json.loads((out / "entry.json").read_text())["training"]
     assert training["head_emphasis"] == 4.0 and training["head_data"] == str(labelled)
     assert torch.load(out / "state.pt", weights_only=False)["config"]["head_emphasis"] == 4.0
+    without_emphasis = [a for a in argv if a not in ("--head-emphasis", "4")]
+    with pytest.raises(SystemExit, match="give K"):
+        bench_main(without_emphasis)
