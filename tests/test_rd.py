@@ -157,11 +157,23 @@ def test_report_shows_answers_changed_for_classify_results_only() -> None:
     from splitwire.benchmarks.report import rd_table
 
     def payload(extra: dict[str, object]) -> dict[str, object]:
-        row = {"split": 5, "codec": "c", "bits_per_token": 30.0, "estimated_bits_per_token": 29.0}
-        row |= {"quality": 80.0, "relative_quality": 0.99, "extra": {"relative_quality_ci95_low": 0.97} | extra}
-        row["extra"]["relative_quality_ci95_high"] = 1.01
-        return {"quality_name": "q", "task": "t", "data": "d", "rows_evaluated": 9, "unsplit_quality": 81.0} | {
-            "rows": [row]
+        interval = {"relative_quality_ci95_low": 0.97, "relative_quality_ci95_high": 1.01}
+        row = {
+            "split": 5,
+            "codec": "c",
+            "bits_per_token": 30.0,
+            "estimated_bits_per_token": 29.0,
+            "quality": 80.0,
+            "relative_quality": 0.99,
+            "extra": interval | extra,
+        }
+        return {
+            "quality_name": "q",
+            "task": "t",
+            "data": "d",
+            "rows_evaluated": 9,
+            "unsplit_quality": 81.0,
+            "rows": [row],
         }
 
     classify = rd_table(payload({"answers_changed": 71})).splitlines()
