@@ -150,24 +150,14 @@ def decoded_input(hidden: torch.Tensor, header) -> torch.Tensor:
     return hidden if header.token_mask is None else hidden[torch.from_numpy(header.token_mask)]
 
 
-def unsplit_outputs(model: LoadedModel, texts: Sequence[str], batch: int = 128) -> np.ndarray:
-    """The unsplit model's output for every text, batched."""
-    split_model = SplitModel(model)
-    chunks = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch):
-            ids, mask = model.tokenize(list(texts[start : start + batch]))
-            chunks.append(split_model.run_unsplit(ids, mask))
-    return torch.cat(chunks).numpy()
-
-
 def fit_linear_head(model: LoadedModel, rows: Sequence[tuple[str, str]]):
     """A logistic-regression head on the unsplit embeddings of ``(text, label)`` rows: the classifier the
     classify task scores codecs with, and the head a codec can be trained to spare."""
     from sklearn.linear_model import LogisticRegression
 
     head = LogisticRegression(max_iter=2000)
-    head.fit(unsplit_outputs(model, [text for text, _ in rows]), np.array([label for _, label in rows]))
+    embeddings = SplitModel(model).run_unsplit_texts([text for text, _ in rows]).numpy()
+    head.fit(embeddings, np.array([label for _, label in rows]))
     return head
 
 

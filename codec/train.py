@@ -124,18 +124,6 @@ def _decoder_batches(model: LoadedModel, texts: list[str], config: TrainConfig, 
             yield Batch(ids, torch.ones_like(ids, dtype=torch.bool), index)
 
 
-def _teacher_outputs(model: LoadedModel, texts: list[str], config: TrainConfig) -> torch.Tensor:
-    """Unsplit outputs for every text: embeddings (encoders) or log-probabilities per position (decoders)."""
-    split_model = SplitModel(model)
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), 128):
-            ids, mask = model.tokenize(texts[start : start + 128])
-            ids, mask = ids[:, : config.max_tokens], mask[:, : config.max_tokens]
-            outputs.append(split_model.run_unsplit(ids, mask))
-    return torch.cat(outputs)
-
-
 def encoder_distortion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - cosine similarity to the unsplit sentence embedding, per sequence."""
     return 1.0 - F.cosine_similarity(output, target, dim=-1)
@@ -222,7 +210,7 @@ def train_codec(
     elif teacher_path.exists():
         teacher = torch.load(teacher_path)
     else:
-        teacher = _teacher_outputs(model, texts, config)
+        teacher = split_model.run_unsplit_texts(texts, max_tokens=config.max_tokens)
         torch.save(teacher, teacher_path)
 
     if config.embedding_distortion not in ("cosine", "covariance"):

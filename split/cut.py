@@ -21,6 +21,7 @@ own blocks and counting the positions it has seen::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -293,3 +294,15 @@ class SplitModel:
         """The whole model in one process: the reference every split is measured against."""
         everything = Cut(self.model.num_blocks, self.model.num_blocks)
         return self.head(self.run_front(everything, input_ids, token_mask), token_mask)
+
+    def run_unsplit_texts(self, texts: Sequence[str], batch: int = 128, max_tokens: int | None = None) -> torch.Tensor:
+        """:meth:`run_unsplit` over many texts, ``batch`` at a time, each cut to ``max_tokens`` when given:
+        one answer row per text, in order. The reference a benchmark scores against and a codec trains to."""
+        answers = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch):
+                input_ids, token_mask = self.model.tokenize(list(texts[start : start + batch]))
+                if max_tokens is not None:
+                    input_ids, token_mask = input_ids[:, :max_tokens], token_mask[:, :max_tokens]
+                answers.append(self.run_unsplit(input_ids, token_mask))
+        return torch.cat(answers)

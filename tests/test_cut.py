@@ -124,6 +124,21 @@ def test_padded_batch_equals_one_by_one(minilm: LoadedModel) -> None:
             torch.testing.assert_close(batched[index : index + 1], alone, atol=1e-5, rtol=1e-4)
 
 
+def test_unsplit_texts_in_batches_equal_the_whole_model_on_each_text(tiny_bert: LoadedModel) -> None:
+    model = SplitModel(tiny_bert)
+    whole = model.run_unsplit_texts(TEXTS, batch=2)
+    assert whole.shape == (len(TEXTS), tiny_bert.hidden_size)
+    for index, text in enumerate(TEXTS):
+        ids, mask = tiny_bert.tokenize([text])
+        with torch.inference_mode():
+            torch.testing.assert_close(whole[index : index + 1], model.run_unsplit(ids, mask), atol=1e-5, rtol=1e-4)
+    # Cut to three tokens, the long sentence answers as its first three tokens alone do.
+    ids, mask = tiny_bert.tokenize([TEXTS[1]])
+    with torch.inference_mode():
+        first_three = model.run_unsplit(ids[:, :3], mask[:, :3])
+    torch.testing.assert_close(model.run_unsplit_texts(TEXTS, max_tokens=3)[1:2], first_three)
+
+
 def test_fingerprints_are_stable_and_weight_sensitive(tiny_bert: LoadedModel) -> None:
     from splitwire.split.fingerprint import model_fingerprint
     from splitwire.split.models import load_model

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from splitwire.benchmarks.cli import main as bench_main
-from splitwire.benchmarks.rd import next_token_loss, paired_ratio_interval, run_through_codec, unsplit_outputs
+from splitwire.benchmarks.rd import next_token_loss, paired_ratio_interval, run_through_codec
 from splitwire.benchmarks.rd_command import ClassifyTask, LmTask
 from splitwire.codec.raw import Fp32Codec
-from splitwire.split.cut import Cut
+from splitwire.split.cut import Cut, SplitModel
 from splitwire.split.models import LoadedModel
 
 LINES = [
@@ -140,7 +140,7 @@ def test_classify_without_a_training_file_trains_the_head_on_the_first_half(
     task = ClassifyTask(tiny_bert, data, None, slice(None), None)
     assert task.train_rows == 20 and len(task.sequences) == 20
     assert list(task.labels) == [label for _, label in rows[20:]]
-    outputs = torch.from_numpy(unsplit_outputs(tiny_bert, [text for text, _ in rows[20:]]))
+    outputs = SplitModel(tiny_bert).run_unsplit_texts([text for text, _ in rows[20:]])
     units = task.units(outputs)
     assert set(units[:, 0]) <= {0.0, 1.0}
     assert task.score(outputs) == pytest.approx(100.0 * task.head.score(outputs.numpy(), task.labels))
