@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="K",
         help="covariance distortion: weigh errors in the directions a logistic-regression head on the unsplit "
-        "embeddings reads K times as much (1: off); the head learns from --head-data",
+        "embeddings reads K times as much (1: off; learned kinds only); the head learns from --head-data",
     )
     train.add_argument(
         "--head-data",

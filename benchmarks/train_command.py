@@ -101,6 +101,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
     out = args.out or Path("runs") / name
     if args.head_data is not None and args.head_emphasis == 1.0:
         raise SystemExit("--head-data names the rows of a head for --head-emphasis K; give K (not 1) as well")
+    if args.head_emphasis != 1.0 and kind in (CodecKind.UNIFORM, CodecKind.PCA):
+        raise SystemExit(f"--head-emphasis shapes a learned codec's training; a {kind.label} codec is fitted instead")
     texts, sources = training_texts(args.train_data)
     training: dict[str, object] = {"data": sources, "sentences": len(texts)}
     if kind in (CodecKind.UNIFORM, CodecKind.PCA):

@@ -239,3 +239,6 @@ def test_train_codec_fits_the_emphasised_head_on_the_labelled_rows(tmp_path: Pat
     without_emphasis = [a for a in argv if a not in ("--head-emphasis", "4")]
     with pytest.raises(SystemExit, match="give K"):
         bench_main(without_emphasis)
+    fitted = [a if a != "hyperprior" else "uniform" for a in argv]
+    with pytest.raises(SystemExit, match="uniform codec is fitted instead"):
+        bench_main(fitted)
