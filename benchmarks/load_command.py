@@ -72,6 +72,11 @@ class ServerProcess:
         assert self.process is not None
         return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
 
+    def compute_cpu_seconds(self) -> float:
+        """The same for the compute process alone (the server's descendants)."""
+        assert self.process is not None
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid)[1:])
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -152,6 +157,7 @@ class Measurement:
     window_rps: list[float]  # every window measured, in order
     stable: bool
     server_cpu_cores: float | None
+    compute_cpu_cores: float | None  # the compute process alone; part of server_cpu_cores
     processes: int
 
 
@@ -195,15 +201,15 @@ def _drive(
         windows: list[list[WindowStats]] = []
         rps: list[float] = []
         p50: list[float] = []
-        cpu_marks: list[float] = []
+        cpu_marks: list[tuple[float, float]] = []
         if server is not None:
             time.sleep(max(0.0, start_at + args.warmup - time.time()))
-            cpu_marks.append(server.cpu_seconds())
+            cpu_marks.append((server.cpu_seconds(), server.compute_cpu_seconds()))
         stable = False
         for _ in range(args.max_windows):
             window = [reports.get(timeout=args.window_seconds + args.timeout + 60) for _ in range(processes)]
             if server is not None:
-                cpu_marks.append(server.cpu_seconds())
+                cpu_marks.append((server.cpu_seconds(), server.compute_cpu_seconds()))
             windows.append(window)
             latencies = [lat for stats in window for lat in stats.latencies_s]
             rps.append(sum(stats.codes.get("OK", 0) for stats in window) / args.window_seconds)
@@ -214,10 +220,11 @@ def _drive(
         stop.set()
         pending.get(timeout=3 * args.timeout + 60)
     kept = args.stable_windows if stable else len(windows)
-    server_cpu = None
+    server_cpu = compute_cpu = None
     if server is not None:
-        server_cpu = (cpu_marks[-1] - cpu_marks[-1 - kept]) / (kept * args.window_seconds)
-    return Measurement(windows[-kept:], rps, stable, server_cpu, processes)
+        seconds = kept * args.window_seconds
+        server_cpu, compute_cpu = ((b - a) / seconds for a, b in zip(cpu_marks[-1 - kept], cpu_marks[-1], strict=True))
+    return Measurement(windows[-kept:], rps, stable, server_cpu, compute_cpu, processes)
 
 
 def _agree(values: list[float], args: argparse.Namespace) -> bool:
@@ -262,8 +269,13 @@ def _summarise(measurement: Measurement, level: Level, window_s: float) -> dict[
         "client_processes": measurement.processes,
         "client_cpu_cores": round(cpu / seconds, 3),
         "client_cpu_ms_per_request": round(1000 * cpu / max(sum(codes.values()), 1), 4),
-        "server_cpu_cores": None if measurement.server_cpu_cores is None else round(measurement.server_cpu_cores, 3),
+        "server_cpu_cores": _rounded(measurement.server_cpu_cores),
+        "compute_cpu_cores": _rounded(measurement.compute_cpu_cores),
     }
+
+
+def _rounded(cores: float | None) -> float | None:
+    return None if cores is None else round(cores, 3)
 
 
 def _noop_overhead(
@@ -331,7 +343,12 @@ def run(args: argparse.Namespace, security: ClientSecurity) -> dict[str, object]
             f"compute {compute_rps:.1f} seq/s at batch {args.batch_size} -> efficiency {result['efficiency']:.3f}; "
             f"status {result['status_code_distribution']}; {'stable' if result['stable'] else 'NOT stable'} after "
             f"{result['windows_measured']} windows; client CPU {result['client_cpu_cores']:.2f} cores"
-            + (f", server CPU {result['server_cpu_cores']:.2f} cores" if result["server_cpu_cores"] is not None else "")
+            + (
+                f", server CPU {result['server_cpu_cores']:.2f} cores"
+                f" (compute process {result['compute_cpu_cores']:.2f})"
+                if result["server_cpu_cores"] is not None
+                else ""
+            )
         )
     print(
         f"client overhead: a no-op call (health check) takes p50 {noop['latency_ms']['p50']:.3f} ms and "  # type: ignore[index]
@@ -389,6 +406,7 @@ CSV_COLUMNS = [
     ("Efficiency", lambda r: r["efficiency"]),
     ("Client CPU Cores", lambda r: r["client_cpu_cores"]),
     ("Server CPU Cores", lambda r: "" if r["server_cpu_cores"] is None else r["server_cpu_cores"]),
+    ("Compute CPU Cores", lambda r: "" if r["compute_cpu_cores"] is None else r["compute_cpu_cores"]),
     ("Stable", lambda r: int(r["stable"])),
 ]
 

@@ -59,6 +59,7 @@ def test_closed_loop_sweep_writes_json_csv_and_plot(tmp_path: Path) -> None:
         latency = level["latency_ms"]
         assert latency["fastest"] <= latency["p50"] <= latency["p90"] <= latency["p95"] <= latency["p99"]
         assert level["client_cpu_cores"] > 0 and level["server_cpu_cores"] > 0
+        assert 0 < level["compute_cpu_cores"] < level["server_cpu_cores"]  # the compute process is part of it
         assert set(level["client_stages_ms"]) == {"front", "encode", "network_and_server"}
     assert result["bits_per_token"] > 16 * 32  # fp16 on the 32-wide tiny model, header included
     assert result["client_overhead"]["latency_ms"]["p50"] > 0
