@@ -2,8 +2,8 @@
 
 ::
 
-    event loop --submit(cut, jobs)--> outbox --sender thread--pipe: cut, [(codec, header, body)]--> child
-    future <------------------------- receiver thread <--pipe: [Answer | error] | error text--- BackHalf.run_coded
+    event loop --submit(cut, jobs)--> outbox --sender thread--pipe: cut, [(codec, header, body)]---> child
+    future <----------------- receiver thread <--pipe: ([Answer | error], busy seconds) | error text- BackHalf.run_coded
 
 Running a Hugging Face module spends much of its time in Python between tensor operations, holding
 the GIL; so does gRPC's request handling on the event loop. In one process the two take turns: a loop
@@ -29,7 +29,8 @@ import multiprocessing
 import queue
 import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -72,9 +73,11 @@ class _Child:
 class ComputeProcess:
     """A child process running :class:`BackHalf`. ``spawn()``, ``wait_ready()``, ``submit()`` often, ``close()``."""
 
-    def __init__(self, model: str, torch_threads: int | None) -> None:
+    def __init__(self, model: str, torch_threads: int | None, on_busy: Callable[[float], None] | None = None) -> None:
+        """``on_busy(seconds)`` is called (on a receiver thread) with the wall time the child spent on each batch."""
         self.model = model
         self.torch_threads = torch_threads
+        self.on_busy = on_busy
         self.fingerprint: str | None = None  # what every child must report; set by the first wait_ready()
         self.codec_fingerprints: dict[str, str] | None = None  # likewise, per codec
         self._context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
@@ -176,7 +179,10 @@ class ComputeProcess:
             with child.lock:
                 future = child.pending.popleft()
             if kind == "ok":
-                _settle(future, result=detail)
+                answers, busy_s = detail
+                if self.on_busy is not None:
+                    self.on_busy(busy_s)
+                _settle(future, result=answers)
             else:
                 _settle(future, error=ComputeProcessError(f"batch failed in the compute process: {detail}"))
 
@@ -277,12 +283,14 @@ def _child_main(conn: Connection, model_name: str, torch_threads: int | None) ->
         if message is None:
             return
         _, cut, jobs = message
+        started = time.monotonic()
         try:
             if all(isinstance(job, CodedJob) for job in jobs):
-                reply: tuple[str, object] = ("ok", back.run_coded(cut, jobs))
+                answers: list[Answer | Exception] | list[Answer] = back.run_coded(cut, jobs)
             else:
                 decoded = [BackJob(torch.from_numpy(np.asarray(h)), torch.from_numpy(np.asarray(p))) for h, p in jobs]
-                reply = ("ok", back.run(cut, decoded))
+                answers = back.run(cut, decoded)
+            reply: tuple[str, object] = ("ok", (answers, time.monotonic() - started))
         except Exception as exc:  # one bad batch must not take the child down
             reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(reply)

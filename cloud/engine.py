@@ -109,7 +109,7 @@ class InferenceEngine:
         """
         process = None
         if self.config.compute is ComputeMode.PROCESS:
-            process = ComputeProcess(self.config.model, self.config.torch_threads)
+            process = ComputeProcess(self.config.model, self.config.torch_threads, on_busy=self._observe_busy)
             process.spawn()
         elif self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
@@ -365,7 +365,14 @@ class InferenceEngine:
                 return await asyncio.wrap_future(back.submit(cut, jobs))
 
             return in_process
-        return on_executor(self._compute, self.run_coded)
+        return on_executor(self._compute, self._timed_run_coded)
+
+    def _timed_run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
+        started = time.monotonic()
+        try:
+            return self.run_coded(cut, jobs)
+        finally:
+            self._observe_busy(time.monotonic() - started)
 
     def run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
         """Decode ``jobs`` (together, per codec), then :meth:`run_back` on them: the compute thread's work
@@ -384,6 +391,11 @@ class InferenceEngine:
     def _observe_batch(self, size: int) -> None:
         assert self.model is not None
         metrics.BATCH_SIZE.labels(self.model.name).observe(size)
+
+    def _observe_busy(self, seconds: float) -> None:
+        """Count a batch's wall time on the back half (called on the compute process's receiver thread)."""
+        if self.model is not None:  # batches run only once the model is loaded
+            metrics.COMPUTE_BUSY.labels(self.model.name).inc(seconds)
 
 
 def _malformed(codec: Codec, exc: BitstreamError) -> InvalidInput:

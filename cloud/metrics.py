@@ -56,6 +56,12 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+COMPUTE_BUSY = Counter(
+    "splitwire_cloud_compute_busy_seconds",
+    "Wall-clock seconds the back half spent running batches of Infer requests, decoding included; its rate "
+    "is the compute worker's utilisation (1 when it never waits for work).",
+    ["model"],
+)
 QUEUE_DEPTH = Gauge(
     "splitwire_cloud_queue_depth",
     "Requests admitted and waiting: being decoded or queued for a batch (bounded by --max-queue).",

@@ -38,6 +38,19 @@ def test_answers_equal_the_in_process_ones(process: ComputeProcess, tiny_bert: L
         np.testing.assert_allclose(got.embedding, want.embedding, atol=1e-6)
 
 
+def test_each_batch_reports_its_busy_time(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
+    seen: list[float] = []
+    process.on_busy = seen.append
+    try:
+        started = time.monotonic()
+        process.run(Cut(tiny_bert.num_blocks, 2), jobs())
+        process.run(Cut(tiny_bert.num_blocks, 2), jobs())
+        elapsed = time.monotonic() - started
+    finally:
+        process.on_busy = None
+    assert len(seen) == 2 and all(seconds > 0 for seconds in seen) and sum(seen) < elapsed
+
+
 def test_a_failing_batch_is_reported_and_the_child_goes_on(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
     cut = Cut(tiny_bert.num_blocks, 2)
     with pytest.raises(ComputeProcessError, match="batch failed in the compute process"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import grpc
@@ -124,10 +125,15 @@ def test_result_reports_bytes_tokens_and_bits(agent: EdgeAgent) -> None:
 def test_metrics_count_exactly_the_requests(minilm_server: ServerThread, agent: EdgeAgent) -> None:
     labels = {"model": "all-MiniLM-L6-v2", "codec": "fp32"}
     before = scrape(minilm_server.metrics_url)
+    started = time.monotonic()
     requests = 5
     for i in range(requests):
         agent.infer(f"sentence number {i} goes through the split")
+    elapsed = time.monotonic() - started
     after = scrape(minilm_server.metrics_url)
+    busy = "splitwire_cloud_compute_busy_seconds_total"
+    model = {"model": labels["model"]}
+    assert 0 < sample(after, busy, **model) - sample(before, busy, **model) < elapsed  # one request at a time
     for stage in ("decode", "queue", "compute", "total"):
         name = "splitwire_cloud_request_duration_seconds_count"
         assert sample(after, name, stage=stage, **labels) - sample(before, name, stage=stage, **labels) == requests
