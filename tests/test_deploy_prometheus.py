@@ -161,7 +161,7 @@ def test_prometheus_loads_the_alert_rules_and_evaluates_them_without_error(prome
         time.sleep(0.5)
     assert {group["name"] for group in groups} == {"splitwire-cloud", "splitwire-edge"}
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
-    assert len(rules) == 9
+    assert len(rules) == 10
 
 
 def test_every_dashboard_query_runs_on_the_real_prometheus(prometheus) -> None:
