@@ -109,7 +109,9 @@ class InferenceEngine:
         """
         process = None
         if self.config.compute is ComputeMode.PROCESS:
-            process = ComputeProcess(self.config.model, self.config.torch_threads, on_busy=self._observe_busy)
+            process = ComputeProcess(
+                self.config.model, self.config.torch_threads, on_busy=functools.partial(self._observe_busy, "batches")
+            )
             process.spawn()
         elif self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
@@ -321,7 +323,7 @@ class InferenceEngine:
             raise InvalidInput(str(exc)) from None
         decoded = time.monotonic()
         try:
-            token = await asyncio.get_running_loop().run_in_executor(self._compute, session.advance, hidden)
+            token = await asyncio.get_running_loop().run_in_executor(self._compute, self._timed_step, session, hidden)
         except SessionStateError as exc:
             raise InvalidInput(str(exc)) from None
         return GenerationStepResult(
@@ -372,7 +374,14 @@ class InferenceEngine:
         try:
             return self.run_coded(cut, jobs)
         finally:
-            self._observe_busy(time.monotonic() - started)
+            self._observe_busy("batches", time.monotonic() - started)
+
+    def _timed_step(self, session: GenerationSession, hidden: torch.Tensor) -> GeneratedToken:
+        started = time.monotonic()
+        try:
+            return session.advance(hidden)
+        finally:
+            self._observe_busy("generation", time.monotonic() - started)
 
     def run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
         """Decode ``jobs`` (together, per codec), then :meth:`run_back` on them: the compute thread's work
@@ -392,10 +401,10 @@ class InferenceEngine:
         assert self.model is not None
         metrics.BATCH_SIZE.labels(self.model.name).observe(size)
 
-    def _observe_busy(self, seconds: float) -> None:
-        """Count a batch's wall time on the back half (called on the compute process's receiver thread)."""
-        if self.model is not None:  # batches run only once the model is loaded
-            metrics.COMPUTE_BUSY.labels(self.model.name).inc(seconds)
+    def _observe_busy(self, work: str, seconds: float) -> None:
+        """Count wall time on the back half (for batches in the compute process, called on its receiver thread)."""
+        if self.model is not None:  # work runs only once the model is loaded
+            metrics.COMPUTE_BUSY.labels(self.model.name, work).inc(seconds)
 
 
 def _malformed(codec: Codec, exc: BitstreamError) -> InvalidInput:

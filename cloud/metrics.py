@@ -58,9 +58,10 @@ BATCH_SIZE = Histogram(
 )
 COMPUTE_BUSY = Counter(
     "splitwire_cloud_compute_busy_seconds",
-    "Wall-clock seconds the back half spent running batches of Infer requests, decoding included; its rate "
-    "is the compute worker's utilisation (1 when it never waits for work).",
-    ["model"],
+    "Wall-clock seconds the back half spent on work, decoding included, by work: batches (of Infer requests, "
+    "in the compute process) and generation (steps, on the server's compute thread). The rate of each is its "
+    "worker's utilisation, 1 when it never waits for work (with --compute thread the two share one thread).",
+    ["model", "work"],
 )
 QUEUE_DEPTH = Gauge(
     "splitwire_cloud_queue_depth",

@@ -188,9 +188,14 @@ def test_metrics_count_sessions_first_tokens_and_inter_token_gaps(
     server: ServerThread, tiny_llama: LoadedModel
 ) -> None:
     before = scrape(server.metrics_url)
+    started = time.monotonic()
     with agent_for(server, tiny_llama) as agent:
         agent.generate(PROMPT, SamplingParams(max_new_tokens=5))
+    elapsed = time.monotonic() - started
     after = scrape(server.metrics_url)
+    busy = {"model": "tiny-llama", "work": "generation"}
+    name = "splitwire_cloud_compute_busy_seconds_total"
+    assert 0 < sample(after, name, **busy) - sample(before, name, **busy) < elapsed
     labels = {"model": "tiny-llama", "codec": "fp32"}
 
     def grew(name: str, **extra: str) -> float:

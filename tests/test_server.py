@@ -132,7 +132,7 @@ def test_metrics_count_exactly_the_requests(minilm_server: ServerThread, agent: 
     elapsed = time.monotonic() - started
     after = scrape(minilm_server.metrics_url)
     busy = "splitwire_cloud_compute_busy_seconds_total"
-    model = {"model": labels["model"]}
+    model = {"model": labels["model"], "work": "batches"}
     assert 0 < sample(after, busy, **model) - sample(before, busy, **model) < elapsed  # one request at a time
     for stage in ("decode", "queue", "compute", "total"):
         name = "splitwire_cloud_request_duration_seconds_count"
