@@ -180,8 +180,11 @@ class ComputeProcess:
                 future = child.pending.popleft()
             if kind == "ok":
                 answers, busy_s = detail
-                if self.on_busy is not None:
-                    self.on_busy(busy_s)
+                if self.on_busy is not None:  # before the answer, so a caller sees its batch counted
+                    try:
+                        self.on_busy(busy_s)
+                    except Exception:  # a metrics callback must not stop the thread every answer comes through
+                        log.exception("on_busy callback failed")
                 _settle(future, result=answers)
             else:
                 _settle(future, error=ComputeProcessError(f"batch failed in the compute process: {detail}"))
