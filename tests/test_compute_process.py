@@ -51,6 +51,18 @@ def test_each_batch_reports_its_busy_time(process: ComputeProcess, tiny_bert: Lo
     assert len(seen) == 2 and all(seconds > 0 for seconds in seen) and sum(seen) < elapsed
 
 
+def test_a_failing_busy_callback_does_not_stop_the_answers(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
+    def broken(seconds: float) -> None:
+        raise RuntimeError("metrics backend down")
+
+    process.on_busy = broken
+    try:
+        assert len(process.submit(Cut(tiny_bert.num_blocks, 2), jobs()).result(timeout=30)) == 3
+        assert len(process.submit(Cut(tiny_bert.num_blocks, 2), jobs()).result(timeout=30)) == 3
+    finally:
+        process.on_busy = None
+
+
 def test_a_failing_batch_is_reported_and_the_child_goes_on(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
     cut = Cut(tiny_bert.num_blocks, 2)
     with pytest.raises(ComputeProcessError, match="batch failed in the compute process"):
