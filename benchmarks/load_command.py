@@ -69,13 +69,15 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU the server and its compute process have used so far."""
-        assert self.process is not None
-        return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
+        return self.cpu_seconds_split()[0]
 
-    def compute_cpu_seconds(self) -> float:
-        """The same for the compute process alone (the server's descendants)."""
+    def cpu_seconds_split(self) -> tuple[float, float]:
+        """:meth:`cpu_seconds`, and the part of it the compute process (the server's descendants) used,
+        read in one walk of the process tree."""
         assert self.process is not None
-        return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid)[1:])
+        server, *descendants = (_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
+        compute = sum(descendants)
+        return server + compute, compute
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -204,12 +206,12 @@ def _drive(
         cpu_marks: list[tuple[float, float]] = []
         if server is not None:
             time.sleep(max(0.0, start_at + args.warmup - time.time()))
-            cpu_marks.append((server.cpu_seconds(), server.compute_cpu_seconds()))
+            cpu_marks.append(server.cpu_seconds_split())
         stable = False
         for _ in range(args.max_windows):
             window = [reports.get(timeout=args.window_seconds + args.timeout + 60) for _ in range(processes)]
             if server is not None:
-                cpu_marks.append((server.cpu_seconds(), server.compute_cpu_seconds()))
+                cpu_marks.append(server.cpu_seconds_split())
             windows.append(window)
             latencies = [lat for stats in window for lat in stats.latencies_s]
             rps.append(sum(stats.codes.get("OK", 0) for stats in window) / args.window_seconds)

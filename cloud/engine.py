@@ -31,9 +31,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from splitwire.cloud import metrics
@@ -54,6 +55,8 @@ from splitwire.split.models import LoadedModel, ModelFamily, load_model, resolve
 from splitwire.split.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+Done = TypeVar("Done")
 
 # One batch computing and the next already handed over, so compute never waits for the event loop.
 BATCHES_IN_FLIGHT = 2
@@ -323,7 +326,9 @@ class InferenceEngine:
             raise InvalidInput(str(exc)) from None
         decoded = time.monotonic()
         try:
-            token = await asyncio.get_running_loop().run_in_executor(self._compute, self._timed_step, session, hidden)
+            token = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._counted_busy, "generation", session.advance, hidden
+            )
         except SessionStateError as exc:
             raise InvalidInput(str(exc)) from None
         return GenerationStepResult(
@@ -367,21 +372,15 @@ class InferenceEngine:
                 return await asyncio.wrap_future(back.submit(cut, jobs))
 
             return in_process
-        return on_executor(self._compute, self._timed_run_coded)
+        return on_executor(self._compute, functools.partial(self._counted_busy, "batches", self.run_coded))
 
-    def _timed_run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
+    def _counted_busy(self, work: str, run: Callable[..., Done], *args: object) -> Done:
+        """``run(*args)`` on this process's compute thread, its wall time counted as ``work``."""
         started = time.monotonic()
         try:
-            return self.run_coded(cut, jobs)
+            return run(*args)
         finally:
-            self._observe_busy("batches", time.monotonic() - started)
-
-    def _timed_step(self, session: GenerationSession, hidden: torch.Tensor) -> GeneratedToken:
-        started = time.monotonic()
-        try:
-            return session.advance(hidden)
-        finally:
-            self._observe_busy("generation", time.monotonic() - started)
+            self._observe_busy(work, time.monotonic() - started)
 
     def run_coded(self, cut: Cut, jobs: Sequence[CodedJob]) -> list[Answer | Exception]:
         """Decode ``jobs`` (together, per codec), then :meth:`run_back` on them: the compute thread's work
