@@ -12,8 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from splitwire.benchmarks import datasets
 
 log = logging.getLogger("splitwire.bench")
+
+
+def _rows(text: str) -> slice:
+    """argparse type for ``START:STOP`` row ranges, its refusal in argparse's words."""
+    try:
+        return datasets.row_slice(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _write_json(path: Path, payload: dict[str, object]) -> None:
@@ -315,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--data", type=Path, default=None, help="evaluation file in its original format")
     rd.add_argument("--train", type=Path, default=None, help="classify: file the logistic-regression head learns from")
     rd.add_argument("--train-limit", type=int, default=None, help="classify: use only the first N training rows")
-    rd.add_argument("--slice", default=None, help="evaluate rows START:STOP of the data file (Python slice)")
+    rd.add_argument(
+        "--slice", type=_rows, default=None, help="evaluate rows START:STOP of the data file (Python slice)"
+    )
     rd.add_argument(
         "--split", default=None, help="split point(s), comma-separated, or 'all' (default: the model's default)"
     )
@@ -417,8 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="*",
         default=None,
-        help="training files (STS-B csv or text<TAB>label tsv); default: STS-B train minus its last 500 pairs, "
-        "plus the first 20,000 SST-2 train sentences",
+        help="training files (STS-B csv, text<TAB>label tsv, or for decoders a WikiText .tokens file, read as one "
+        "running text); default: STS-B train minus its last 500 pairs, plus the first 20,000 SST-2 train sentences",
+    )
+    train.add_argument(
+        "--train-slice",
+        type=_rows,
+        default=None,
+        help="use only rows START:STOP of each --train-data file (pairs, rows, or a WikiText file's non-empty lines, "
+        "as rd's --slice counts them): keeps apart the part of a file that is evaluated",
     )
     train.add_argument(
         "--init-from",

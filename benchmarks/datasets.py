@@ -79,6 +79,17 @@ def read_wikitext(path: Path) -> list[str]:
     return [line.strip() for line in require(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def row_slice(text: str) -> slice:
+    """``START:STOP`` (either may be empty, as in Python) -> the slice of a data file's rows it names."""
+    start, colon, stop = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise ValueError(f"expected rows as START:STOP (either may be empty), got {text!r}") from None
+
+
 def stsb_sentences(pairs: list[SentencePair]) -> list[str]:
     """Unique sentences of ``pairs`` in first-seen order."""
     return list(dict.fromkeys(s for pair in pairs for s in (pair.first, pair.second)))

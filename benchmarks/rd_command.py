@@ -187,10 +187,7 @@ def _bd_rates(rows: list[RateRow]) -> list[dict[str, object]]:
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     model = load_model(args.model)
-    rows_slice = slice(None)
-    if args.slice:
-        start, _, stop = args.slice.partition(":")
-        rows_slice = slice(int(start) if start else None, int(stop) if stop else None)
+    rows_slice = args.slice or slice(None)
     wanted_family = ModelFamily.DECODER if args.task == "lm" else ModelFamily.ENCODER
     if model.family is not wanted_family:
         article = "an" if wanted_family is ModelFamily.ENCODER else "a"

@@ -26,9 +26,13 @@ DECODER_WINDOW = 128  # decoders train on windows of the joined texts this long
 FIT_SENTENCES = 4000  # sentences whose hidden states the non-learned baselines are fitted on
 
 
-def training_texts(files: list[Path] | None) -> tuple[list[str], list[str]]:
-    """Training sentences and a description of where they came from."""
+def training_texts(files: list[Path] | None, rows: slice | None = None) -> tuple[list[str], list[str]]:
+    """Training texts and a description of where they came from. ``rows``: the part of each file used. A
+    WikiText file becomes one text, its lines joined by newlines as ``rd --task lm`` reads them, so a
+    decoder trains on windows of running text."""
     if files is None:
+        if rows is not None:
+            raise SystemExit("--train-slice applies to --train-data files; name them")
         pairs = datasets.read_stsb(datasets.STSB_TRAIN)[:-STSB_SELECTION_PAIRS]
         sst = [text for text, _ in datasets.read_labelled(datasets.SST2_TRAIN)[:SST2_TRAIN_SENTENCES]]
         sources = [
@@ -36,13 +40,26 @@ def training_texts(files: list[Path] | None) -> tuple[list[str], list[str]]:
             f"{datasets.SST2_TRAIN.name} first {len(sst)} sentences",
         ]
         return list(dict.fromkeys(datasets.stsb_sentences(pairs) + sst)), sources
+    rows = rows or slice(None)
     texts: list[str] = []
+    sources: list[str] = []
     for path in files:
+        items: list = (
+            datasets.read_stsb(path)
+            if path.suffix == ".csv"
+            else datasets.read_wikitext(path)
+            if path.suffix == ".tokens"
+            else datasets.read_labelled(path)
+        )
+        start, stop, _ = rows.indices(len(items))
         if path.suffix == ".csv":
-            texts += datasets.stsb_sentences(datasets.read_stsb(path))
+            texts += datasets.stsb_sentences(items[rows])
+        elif path.suffix == ".tokens":
+            texts.append("\n".join(items[rows]))
         else:
-            texts += [text for text, _ in datasets.read_labelled(path)]
-    return list(dict.fromkeys(texts)), [str(p) for p in files]
+            texts += [text for text, _ in items[rows]]
+        sources.append(str(path) if (start, stop) == (0, len(items)) else f"{path} rows [{start}, {stop})")
+    return list(dict.fromkeys(texts)), sources
 
 
 def head_rows(path: Path | None) -> tuple[list[tuple[str, str]], str]:
@@ -103,7 +120,9 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         raise SystemExit("--head-data names the rows of a head for --head-emphasis K; give K (not 1) as well")
     if args.head_emphasis != 1.0 and kind in (CodecKind.UNIFORM, CodecKind.PCA):
         raise SystemExit(f"--head-emphasis shapes a learned codec's training; a {kind.label} codec is fitted instead")
-    texts, sources = training_texts(args.train_data)
+    if model.family is ModelFamily.ENCODER and any(path.suffix == ".tokens" for path in args.train_data or []):
+        raise SystemExit("a WikiText .tokens file trains decoders only: an encoder reads sentences, not running text")
+    texts, sources = training_texts(args.train_data, args.train_slice)
     training: dict[str, object] = {"data": sources, "sentences": len(texts)}
     if kind in (CodecKind.UNIFORM, CodecKind.PCA):
         module: CodingModel = (

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from splitwire.benchmarks.cli import main as bench_main
-from splitwire.benchmarks.train_command import initial_checkpoint
+from splitwire.benchmarks.datasets import row_slice
+from splitwire.benchmarks.train_command import initial_checkpoint, training_texts
 from splitwire.codec.base import CodecKind
 from splitwire.codec.hyperprior import HyperpriorModel
 from splitwire.codec.train import (
@@ -242,3 +243,52 @@ def test_train_codec_fits_the_emphasised_head_on_the_labelled_rows(tmp_path: Pat
     fitted = [a if a != "hyperprior" else "uniform" for a in argv]
     with pytest.raises(SystemExit, match="uniform codec is fitted instead"):
         bench_main(fitted)
+
+
+def wikitext(tmp_path: Path, lines: int) -> Path:
+    path = tmp_path / "wiki.test.tokens"
+    path.write_text("".join(f" = Heading {i} =\n\n {TEXTS[i % len(TEXTS)]} , and then some .\n" for i in range(lines)))
+    return path
+
+
+def test_a_wikitext_file_trains_as_one_running_text_of_the_rows_asked_for(tmp_path: Path) -> None:
+    path = wikitext(tmp_path, 10)  # 20 non-empty lines: heading, paragraph, heading, ...
+    texts, sources = training_texts([path], row_slice("12:"))
+    expected = [line for i in range(6, 10) for line in (f"= Heading {i} =", f"{TEXTS[i]} , and then some .")]
+    assert texts == ["\n".join(expected)]
+    assert sources == [f"{path} rows [12, 20)"]
+    whole, whole_sources = training_texts([path])
+    assert whole[0].startswith("= Heading 0 =") and whole_sources == [str(path)]
+
+
+def test_the_train_slice_picks_rows_of_every_kind_of_file(tmp_path: Path) -> None:
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("".join(f"{text}\t{i % 2}\n" for i, text in enumerate(TEXTS)))
+    texts, sources = training_texts([labelled], slice(2, 5))
+    assert texts == TEXTS[2:5] and sources == [f"{labelled} rows [2, 5)"]
+    with pytest.raises(SystemExit, match="name them"):
+        training_texts(None, slice(0, 10))
+
+
+@pytest.mark.parametrize("text", ["5", "a:b", "1:2:3"])
+def test_a_row_range_that_is_not_start_stop_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="START:STOP"):
+        row_slice(text)
+    assert row_slice(":7") == slice(None, 7) and row_slice("3:") == slice(3, None)
+
+
+def test_train_codec_records_the_wikitext_rows_a_decoder_codec_trained_on(tmp_path: Path) -> None:
+    path = wikitext(tmp_path, 120)
+    out = tmp_path / "run"
+    argv = ["--threads", "1", "train-codec", "--model", "tiny-llama", "--kind", "hyperprior", "--split", "2"]
+    argv += ["--lambda", "50", "--steps", "2", "--batch-tokens", "32", "--max-tokens", "16", "--latent-channels", "8"]
+    argv += ["--hidden", "16", "--train-data", str(path), "--train-slice", "40:", "--out", str(out), "--no-progress"]
+    assert bench_main(argv) == 0
+    training = json.loads((out / "entry.json").read_text())["training"]
+    assert training["data"] == [f"{path} rows [40, 240)"]
+    encoder = [a if a != "tiny-llama" else "tiny-bert" for a in argv]
+    with pytest.raises(SystemExit, match="trains decoders only"):
+        bench_main(encoder)
+    with pytest.raises(SystemExit) as refused:
+        bench_main([a if a != "40:" else "forty" for a in argv])
+    assert refused.value.code == 2  # argparse's refusal, naming the expected form
