@@ -44,22 +44,23 @@ def training_texts(files: list[Path] | None, rows: slice | None = None) -> tuple
     texts: list[str] = []
     sources: list[str] = []
     for path in files:
-        items: list = (
-            datasets.read_stsb(path)
-            if path.suffix == ".csv"
-            else datasets.read_wikitext(path)
-            if path.suffix == ".tokens"
-            else datasets.read_labelled(path)
-        )
-        start, stop, _ = rows.indices(len(items))
-        if path.suffix == ".csv":
-            texts += datasets.stsb_sentences(items[rows])
-        elif path.suffix == ".tokens":
-            texts.append("\n".join(items[rows]))
-        else:
-            texts += [text for text, _ in items[rows]]
-        sources.append(str(path) if (start, stop) == (0, len(items)) else f"{path} rows [{start}, {stop})")
+        chosen, total = _file_texts(path, rows)
+        texts += chosen
+        start, stop, _ = rows.indices(total)
+        sources.append(str(path) if (start, stop) == (0, total) else f"{path} rows [{start}, {stop})")
     return list(dict.fromkeys(texts)), sources
+
+
+def _file_texts(path: Path, rows: slice) -> tuple[list[str], int]:
+    """The training texts in rows ``rows`` of one file, and how many rows the file has."""
+    if path.suffix == ".csv":
+        pairs = datasets.read_stsb(path)
+        return datasets.stsb_sentences(pairs[rows]), len(pairs)
+    if path.suffix == ".tokens":
+        lines = datasets.read_wikitext(path)
+        return ["\n".join(lines[rows])], len(lines)
+    labelled = datasets.read_labelled(path)
+    return [text for text, _ in labelled[rows]], len(labelled)
 
 
 def head_rows(path: Path | None) -> tuple[list[tuple[str, str]], str]:
