@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +83,10 @@ def read_wikitext(path: Path) -> list[str]:
 def row_slice(text: str) -> slice:
     """``START:STOP`` (either may be empty, as in Python) -> the slice of a data file's rows it names."""
     start, colon, stop = text.partition(":")
-    try:
-        if not colon:
-            raise ValueError
-        return slice(int(start) if start else None, int(stop) if stop else None)
-    except ValueError:
-        raise ValueError(f"expected rows as START:STOP (either may be empty), got {text!r}") from None
+    if colon:
+        with contextlib.suppress(ValueError):  # not integers: refused below, in the same words
+            return slice(int(start) if start else None, int(stop) if stop else None)
+    raise ValueError(f"expected rows as START:STOP (either may be empty), got {text!r}")
 
 
 def stsb_sentences(pairs: list[SentencePair]) -> list[str]:
