@@ -3,7 +3,7 @@
 ::
 
     event loop --submit(cut, jobs)--> outbox --sender thread--pipe: cut, [(codec, header, body)]---> child
-    future <----------------- receiver thread <--pipe: ([Answer | error], busy seconds) | error text- BackHalf.run_coded
+    future <----------------- receiver thread <--pipe: ([Answer | error] | error text, busy seconds)- BackHalf.run_coded
 
 Running a Hugging Face module spends much of its time in Python between tensor operations, holding
 the GIL; so does gRPC's request handling on the event loop. In one process the two take turns: a loop
@@ -178,16 +178,16 @@ class ComputeProcess:
                 return
             with child.lock:
                 future = child.pending.popleft()
+            outcome, busy_s = detail
+            if self.on_busy is not None:  # before the answer, so a caller sees its batch counted
+                try:
+                    self.on_busy(busy_s)
+                except Exception:  # a metrics callback must not stop the thread every answer comes through
+                    log.exception("on_busy callback failed")
             if kind == "ok":
-                answers, busy_s = detail
-                if self.on_busy is not None:  # before the answer, so a caller sees its batch counted
-                    try:
-                        self.on_busy(busy_s)
-                    except Exception:  # a metrics callback must not stop the thread every answer comes through
-                        log.exception("on_busy callback failed")
-                _settle(future, result=answers)
+                _settle(future, result=outcome)
             else:
-                _settle(future, error=ComputeProcessError(f"batch failed in the compute process: {detail}"))
+                _settle(future, error=ComputeProcessError(f"batch failed in the compute process: {outcome}"))
 
     # -- starting a child -------------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ def _child_main(conn: Connection, model_name: str, torch_threads: int | None) ->
             else:
                 decoded = [BackJob(torch.from_numpy(np.asarray(h)), torch.from_numpy(np.asarray(p))) for h, p in jobs]
                 answers = back.run(cut, decoded)
-            reply: tuple[str, object] = ("ok", (answers, time.monotonic() - started))
+            reply: tuple[str, object] = ("ok", answers)
         except Exception as exc:  # one bad batch must not take the child down
             reply = ("error", f"{type(exc).__name__}: {exc}")
-        conn.send(reply)
+        conn.send((reply[0], (reply[1], time.monotonic() - started)))  # a failed batch's time was busy too

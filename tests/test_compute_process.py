@@ -65,8 +65,14 @@ def test_a_failing_busy_callback_does_not_stop_the_answers(process: ComputeProce
 
 def test_a_failing_batch_is_reported_and_the_child_goes_on(process: ComputeProcess, tiny_bert: LoadedModel) -> None:
     cut = Cut(tiny_bert.num_blocks, 2)
-    with pytest.raises(ComputeProcessError, match="batch failed in the compute process"):
-        process.run(cut, jobs(width=7))  # wrong width
+    seen: list[float] = []
+    process.on_busy = seen.append
+    try:
+        with pytest.raises(ComputeProcessError, match="batch failed in the compute process"):
+            process.run(cut, jobs(width=7))  # wrong width
+    finally:
+        process.on_busy = None
+    assert len(seen) == 1 and seen[0] > 0  # the child was busy with it until it failed
     assert len(process.run(cut, jobs())) == 3
 
 
