@@ -26,10 +26,13 @@ DECODER_WINDOW = 128  # decoders train on windows of the joined texts this long
 FIT_SENTENCES = 4000  # sentences whose hidden states the non-learned baselines are fitted on
 
 
-def training_texts(files: list[Path] | None, rows: slice | None = None) -> tuple[list[str], list[str]]:
-    """Training texts and a description of where they came from. ``rows``: the part of each file used. A
-    WikiText file becomes one text, its lines joined by newlines as ``rd --task lm`` reads them, so a
-    decoder trains on windows of running text."""
+def training_texts(
+    files: list[Path] | None, rows: slice | None = None
+) -> tuple[list[str], list[str], dict[str, int]]:
+    """Training texts, a description of where they came from, and how many of each kind there are
+    (``sentences``, ``running_texts``). ``rows``: the part of each file used. A WikiText file becomes one
+    running text, its lines joined by newlines as ``rd --task lm`` reads them, so a decoder trains on
+    windows of running text."""
     if files is None:
         if rows is not None:
             raise SystemExit("--train-slice applies to --train-data files; name them")
@@ -39,28 +42,35 @@ def training_texts(files: list[Path] | None, rows: slice | None = None) -> tuple
             f"{datasets.STSB_TRAIN.name} pairs [0, {len(pairs)}) (last {STSB_SELECTION_PAIRS} held out for selection)",
             f"{datasets.SST2_TRAIN.name} first {len(sst)} sentences",
         ]
-        return list(dict.fromkeys(datasets.stsb_sentences(pairs) + sst)), sources
+        sentences = list(dict.fromkeys(datasets.stsb_sentences(pairs) + sst))
+        return sentences, sources, {"sentences": len(sentences)}
     rows = rows or slice(None)
     texts: list[str] = []
     sources: list[str] = []
+    running: set[str] = set()
     for path in files:
-        chosen, total = _file_texts(path, rows)
+        chosen, total, is_running_text = _file_texts(path, rows)
         texts += chosen
+        if is_running_text:
+            running.update(chosen)
         start, stop, _ = rows.indices(total)
         sources.append(str(path) if (start, stop) == (0, total) else f"{path} rows [{start}, {stop})")
-    return list(dict.fromkeys(texts)), sources
+    texts = list(dict.fromkeys(texts))
+    counts = {"sentences": len(texts) - len(running), "running_texts": len(running)}
+    return texts, sources, {kind: n for kind, n in counts.items() if n}
 
 
-def _file_texts(path: Path, rows: slice) -> tuple[list[str], int]:
-    """The training texts in rows ``rows`` of one file, and how many rows the file has."""
+def _file_texts(path: Path, rows: slice) -> tuple[list[str], int, bool]:
+    """The training texts in rows ``rows`` of one file, how many rows the file has, and whether the texts
+    are running text (a WikiText file) rather than sentences."""
     if path.suffix == ".csv":
         pairs = datasets.read_stsb(path)
-        return datasets.stsb_sentences(pairs[rows]), len(pairs)
+        return datasets.stsb_sentences(pairs[rows]), len(pairs), False
     if path.suffix == ".tokens":
         lines = datasets.read_wikitext(path)
-        return ["\n".join(lines[rows])], len(lines)
+        return ["\n".join(lines[rows])], len(lines), True
     labelled = datasets.read_labelled(path)
-    return [text for text, _ in labelled[rows]], len(labelled)
+    return [text for text, _ in labelled[rows]], len(labelled), False
 
 
 def head_rows(path: Path | None) -> tuple[list[tuple[str, str]], str]:
@@ -123,8 +133,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         raise SystemExit(f"--head-emphasis shapes a learned codec's training; a {kind.label} codec is fitted instead")
     if model.family is ModelFamily.ENCODER and any(path.suffix == ".tokens" for path in args.train_data or []):
         raise SystemExit("a WikiText .tokens file trains decoders only: an encoder reads sentences, not running text")
-    texts, sources = training_texts(args.train_data, args.train_slice)
-    training: dict[str, object] = {"data": sources, "sentences": len(texts)}
+    texts, sources, counts = training_texts(args.train_data, args.train_slice)
+    training: dict[str, object] = {"data": sources, **counts}
     if kind in (CodecKind.UNIFORM, CodecKind.PCA):
         module: CodingModel = (
             UniformModel(model.hidden_size, step=args.step)

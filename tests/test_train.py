@@ -253,19 +253,19 @@ def wikitext(tmp_path: Path, lines: int) -> Path:
 
 def test_a_wikitext_file_trains_as_one_running_text_of_the_rows_asked_for(tmp_path: Path) -> None:
     path = wikitext(tmp_path, 10)  # 20 non-empty lines: heading, paragraph, heading, ...
-    texts, sources = training_texts([path], row_slice("12:"))
+    texts, sources, counts = training_texts([path], row_slice("12:"))
     expected = [line for i in range(6, 10) for line in (f"= Heading {i} =", f"{TEXTS[i]} , and then some .")]
     assert texts == ["\n".join(expected)]
-    assert sources == [f"{path} rows [12, 20)"]
-    whole, whole_sources = training_texts([path])
+    assert sources == [f"{path} rows [12, 20)"] and counts == {"running_texts": 1}
+    whole, whole_sources, _ = training_texts([path])
     assert whole[0].startswith("= Heading 0 =") and whole_sources == [str(path)]
 
 
 def test_the_train_slice_picks_rows_of_every_kind_of_file(tmp_path: Path) -> None:
     labelled = tmp_path / "labelled.tsv"
     labelled.write_text("".join(f"{text}\t{i % 2}\n" for i, text in enumerate(TEXTS)))
-    texts, sources = training_texts([labelled], slice(2, 5))
-    assert texts == TEXTS[2:5] and sources == [f"{labelled} rows [2, 5)"]
+    texts, sources, counts = training_texts([labelled], slice(2, 5))
+    assert texts == TEXTS[2:5] and sources == [f"{labelled} rows [2, 5)"] and counts == {"sentences": 3}
     with pytest.raises(SystemExit, match="name them"):
         training_texts(None, slice(0, 10))
 
@@ -286,6 +286,7 @@ def test_train_codec_records_the_wikitext_rows_a_decoder_codec_trained_on(tmp_pa
     assert bench_main(argv) == 0
     training = json.loads((out / "entry.json").read_text())["training"]
     assert training["data"] == [f"{path} rows [40, 240)"]
+    assert training["running_texts"] == 1 and "sentences" not in training
     encoder = [a if a != "tiny-llama" else "tiny-bert" for a in argv]
     with pytest.raises(SystemExit, match="trains decoders only"):
         bench_main(encoder)
