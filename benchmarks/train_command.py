@@ -26,9 +26,7 @@ DECODER_WINDOW = 128  # decoders train on windows of the joined texts this long
 FIT_SENTENCES = 4000  # sentences whose hidden states the non-learned baselines are fitted on
 
 
-def training_texts(
-    files: list[Path] | None, rows: slice | None = None
-) -> tuple[list[str], list[str], dict[str, int]]:
+def training_texts(files: list[Path] | None, rows: slice | None = None) -> tuple[list[str], list[str], dict[str, int]]:
     """Training texts, a description of where they came from, and how many of each kind there are
     (``sentences``, ``running_texts``). ``rows``: the part of each file used. A WikiText file becomes one
     running text, its lines joined by newlines as ``rd --task lm`` reads them, so a decoder trains on
