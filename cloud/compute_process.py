@@ -293,7 +293,7 @@ def _child_main(conn: Connection, model_name: str, torch_threads: int | None) ->
             else:
                 decoded = [BackJob(torch.from_numpy(np.asarray(h)), torch.from_numpy(np.asarray(p))) for h, p in jobs]
                 answers = back.run(cut, decoded)
-            reply: tuple[str, object] = ("ok", answers)
+            kind, outcome = "ok", answers
         except Exception as exc:  # one bad batch must not take the child down
-            reply = ("error", f"{type(exc).__name__}: {exc}")
-        conn.send((reply[0], (reply[1], time.monotonic() - started)))  # a failed batch's time was busy too
+            kind, outcome = "error", f"{type(exc).__name__}: {exc}"
+        conn.send((kind, (outcome, time.monotonic() - started)))  # a failed batch's time was busy too
