@@ -129,9 +129,9 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         raise SystemExit("--head-data names the rows of a head for --head-emphasis K; give K (not 1) as well")
     if args.head_emphasis != 1.0 and kind in (CodecKind.UNIFORM, CodecKind.PCA):
         raise SystemExit(f"--head-emphasis shapes a learned codec's training; a {kind.label} codec is fitted instead")
-    if model.family is ModelFamily.ENCODER and any(path.suffix == ".tokens" for path in args.train_data or []):
-        raise SystemExit("a WikiText .tokens file trains decoders only: an encoder reads sentences, not running text")
     texts, sources, counts = training_texts(args.train_data, args.train_slice)
+    if model.family is ModelFamily.ENCODER and "running_texts" in counts:
+        raise SystemExit("a WikiText .tokens file trains decoders only: an encoder reads sentences, not running text")
     training: dict[str, object] = {"data": sources, **counts}
     if kind in (CodecKind.UNIFORM, CodecKind.PCA):
         module: CodingModel = (
