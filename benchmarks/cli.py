@@ -396,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         "context a linear map of the mean token, which saves the encoder a product over every token",
     )
     train.add_argument(
+        "--temporal-prediction",
+        action="store_true",
+        help="hyperprior: predict each token's latents from the token before it in the same payload (fewer "
+        "bits on multi-token payloads such as prompts; a one-token generation step gains nothing)",
+    )
+    train.add_argument(
         "--raw-token-threshold",
         type=float,
         default=0.0,

@@ -160,6 +160,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             )
             if args.context_hidden is not None:
                 module_args["context_hidden"] = args.context_hidden
+            if args.temporal_prediction:
+                module_args["temporal"] = True
         initial = None
         if args.init_from:
             initial, training["initialised_from"] = initial_checkpoint(model, kind, args.split, args.init_from)

@@ -18,6 +18,13 @@ With ``context_channels > 0`` a per-sequence context ``c`` (the mean over tokens
 quantised and coded once per payload) joins ``z_hat`` at the input of ``h_s`` and ``y_hat`` at the
 input of ``g_s``: what all tokens share is sent once instead of once per token.
 
+With ``temporal``, each token's means also get a prediction from the token before it in the same
+payload: a linear map of that token's decoded latents (predictive coding, as DPCM codes a signal's
+difference from what its past predicts). Only the means change, not the scales, so the decoder still
+entropy-decodes every symbol first and then rebuilds the latents token by token; the prediction runs
+in fixed point, as the integer ``h_s`` does, so both peers rebuild the same latents bit for bit. The
+first token of a payload has no prediction: a generation step's one-token payload gains nothing.
+
 With ``raw_token_threshold > 0``, a token whose largest absolute value exceeds the threshold is sent
 apart, as float16, ahead of the coded stream. Decoder LMs put activations in the tens of thousands on a
 few tokens (the attention sink, usually the first token); no Gaussian table covers those, and
@@ -63,6 +70,12 @@ FRACTION_BITS = 12  # fixed-point precision of the integer h_s, per layer
 # rows come from the checkpoint, so what a call allocates does not grow with the claimed token count.
 BITSTREAM_REVISION = 2
 TABLE_FAMILY = constriction.stream.model.Categorical(perfect=False)  # one row of counts per symbol
+# The temporal prediction reads the previous token's latents rounded to 1/2**TEMPORAL_INPUT_BITS, with
+# weights in fixed point of FRACTION_BITS: every product and sum is then an integer, exact in float64.
+TEMPORAL_INPUT_BITS = 8
+# The ridge that starts the temporal prediction, relative to the inputs' mean energy: a few thousand
+# tokens fit half a million weights.
+TEMPORAL_RIDGE = 0.1
 FLOAT16_MAX = 65504.0
 # Decoded values proven below this need no finiteness check: far under float32's 3.4e38, so rounding
 # in the products cannot carry a partial sum past it.
@@ -85,6 +98,7 @@ class HyperpriorModel(CodingModel):
         context_channels: int = 0,
         raw_token_threshold: float = 0.0,
         context_hidden: int | None = None,
+        temporal: bool = False,
     ) -> None:
         super().__init__()
         if not 2 <= scale_count <= np.iinfo(np.int16).max:  # scale indices are sorted as 16-bit keys
@@ -106,6 +120,8 @@ class HyperpriorModel(CodingModel):
             self.config["raw_token_threshold"] = raw_token_threshold
         if context_hidden is not None:  # likewise: absent, g_c is as wide as the other transforms
             self.config["context_hidden"] = context_hidden
+        if temporal:  # likewise
+            self.config["temporal"] = True
         self.width, self.raw_token_threshold = width, raw_token_threshold
         self.channels, self.side_channels = latent_channels, side_channels
         self.scale_min, self.scale_max = scale_min, scale_max
@@ -123,6 +139,13 @@ class HyperpriorModel(CodingModel):
             )
             self.context_density = DeepFactorizedDensity(context_channels)
         self.gate = TokenGate(width) if token_gate else None
+        # Predicts nothing until fit_temporal() starts it from the data.
+        self.temporal = torch.nn.Linear(latent_channels, latent_channels, bias=False) if temporal else None
+        if self.temporal is not None:
+            torch.nn.init.zeros_(self.temporal.weight)
+            self.register_buffer("temporal_weight", torch.zeros(0, 0, dtype=torch.int64))
+        else:  # not part of the state dict
+            self.temporal_weight = torch.zeros(0, 0, dtype=torch.int64)
         self.scales = ScaleTables.default_scales(scale_count, scale_min, scale_max)
         if context_channels:
             self.register_buffer("context_offsets", torch.zeros(0, dtype=torch.int64))
@@ -188,6 +211,26 @@ class HyperpriorModel(CodingModel):
             context_basis, context_std = principal_directions(standardized, self.context_channels)
             self.g_c.init_linear(context_basis / context_std)
 
+    @torch.no_grad()
+    def fit_temporal(self, sequences: Sequence[torch.Tensor]) -> None:
+        """Start the temporal prediction as the ridge regression of each token's latents on the decoded
+        latents of the token before it, over ``sequences`` of ``(T, D)`` hidden states, after :meth:`fit`."""
+        assert self.temporal is not None, "fit_temporal() on a hyperprior without a temporal prediction"
+        inputs, targets = [], []
+        for hidden in sequences:
+            raw = self.raw_tokens(hidden)
+            y = self.g_a(self.standardize(hidden).masked_fill(raw.unsqueeze(-1), 0.0))
+            previous = self._previous_latents(y, raw)
+            has_previous = ~raw
+            has_previous[0] = False
+            has_previous[1:] &= ~raw[:-1]
+            inputs.append(previous[has_previous])
+            targets.append(y[has_previous])
+        x, target = torch.cat(inputs).double(), torch.cat(targets).double()
+        gram = x.t() @ x
+        ridge = TEMPORAL_RIDGE * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=torch.float64)
+        self.temporal.weight.copy_(torch.linalg.solve(gram + ridge, x.t() @ target).t().float())
+
     def _mean_scale(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_scale = self.h_s(z_hat).chunk(2, dim=-1)
         return mean, torch.exp(log_scale).clamp(self.scale_min, self.scale_max)
@@ -221,6 +264,8 @@ class HyperpriorModel(CodingModel):
             hyper_input = torch.cat([hyper_input, shared], dim=-1)
             synthesis_extra = [shared]
         mean, scale = self._mean_scale(hyper_input)
+        if self.temporal is not None:
+            mean = mean + self.temporal(self._previous_latents(y, raw))
         bits = bits - torch.log2(gaussian_likelihood(quantize(y, QuantMode.NOISE), mean, scale)).sum(-1)
         y_hat = quantize(y, QuantMode.STE, offset=mean)
         hidden_hat = self.standardize.inverse(self.g_s(torch.cat([y_hat, *synthesis_extra], dim=-1)))
@@ -229,6 +274,13 @@ class HyperpriorModel(CodingModel):
             hidden_hat = torch.where(raw.unsqueeze(-1), exact, hidden_hat)
             bits = torch.where(raw, torch.full_like(bits, self.raw_token_bits()), bits)
         return hidden_hat, bits
+
+    @staticmethod
+    def _previous_latents(y: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """What the decoder holds of the token before each one: its latents with a rounding's error
+        (uniform noise, as in the rate term), zeros before the first token and after a raw one."""
+        decoded = quantize(y, QuantMode.NOISE).masked_fill(raw.unsqueeze(-1), 0.0)
+        return torch.nn.functional.pad(decoded[..., :-1, :], (0, 0, 1, 0))
 
     # -- integer tables and integer h_s ---------------------------------------------------------
 
@@ -254,6 +306,8 @@ class HyperpriorModel(CodingModel):
         self.hs_b1 = torch.round(first.bias.double() * one).long()
         self.hs_w2 = torch.round(second.weight.double() * one).long()
         self.hs_b2 = torch.round(second.bias.double() * one * one).long()
+        if self.temporal is not None:
+            self.temporal_weight = torch.round(self.temporal.weight.double() * one).long()
         self._models = None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
@@ -285,6 +339,7 @@ class HyperpriorModel(CodingModel):
                 ),
                 side_analysis=self.h_a.frozen(),
                 synthesis=synthesis,
+                temporal=self._checked_temporal(side_network) if self.temporal is not None else None,
                 finite_output=self._finite_output(side_network, synthesis),
             )
         return self._models
@@ -314,6 +369,16 @@ class HyperpriorModel(CodingModel):
             largest_mean=largest_mean,
         )
 
+    def _checked_temporal(self, side_network: _IntegerSideNetwork) -> _TemporalPredictor:
+        """The fixed-point prediction in float64, after proving its arithmetic stays exact."""
+        weight = self.temporal_weight.double()
+        bound = float(self.scale_half_widths.max())  # predictions are clamped to the widest table's range
+        largest_latent = bound + side_network.largest_mean + bound
+        largest_sum = (largest_latent * 2.0**TEMPORAL_INPUT_BITS + 1) * float(weight.abs().sum(1).max())
+        if largest_sum >= 2.0**52:
+            raise ValueError("temporal prediction weights are too large for exact fixed-point evaluation")
+        return _TemporalPredictor(weight.t().numpy().copy(), bound)
+
     def _largest_side_input(self) -> float:
         """The largest magnitude of a value the side and context tables cover: h_s's inputs."""
         largest = 0.0
@@ -331,7 +396,9 @@ class HyperpriorModel(CodingModel):
         body can give it: latents lie within their table's half width of an exact, bounded mean, the
         context within its table; raw tokens are checked as they are read."""
         largest_side = self._largest_side_input()
-        largest_latent = float(self.scale_half_widths.max()) + side_network.largest_mean
+        half_width = float(self.scale_half_widths.max())
+        # A symbol lies within its table, the temporal prediction within the widest one.
+        largest_latent = half_width + side_network.largest_mean + (half_width if self.temporal is not None else 0.0)
         return synthesis.output_bound(max(largest_latent, largest_side)) < FINITE_OUTPUT_BOUND
 
     def _symbols(self, hidden: torch.Tensor) -> _Symbols:
@@ -346,7 +413,10 @@ class HyperpriorModel(CodingModel):
         half = torch.take(models.half_widths_tensor, scale_index)
         # Each main symbol as an index into its scale's table, which covers -half .. half; int32, as the
         # entropy coder takes them.
-        main = torch.round(y.double() - mean).clamp_(-half, half).add_(half)
+        if models.temporal is None:
+            main = torch.round(y.double() - mean).clamp_(-half, half).add_(half)
+        else:
+            main = torch.from_numpy(models.temporal.quantise(y.double().numpy(), mean.numpy(), half.numpy())).add_(half)
         return _Symbols(
             models.context_range.indices(context),
             models.side_range.indices(side),
@@ -441,11 +511,16 @@ class HyperpriorModel(CodingModel):
         context, side = self._read_side(stream, tokens)
         context_values = models.context_range.values(context)
         mean, scale_index = models.side_network(models.side_range.values(side.T), context_values)
-        y_hat = (torch.from_numpy(self._read_main(stream, scale_index.numpy())) + mean).float()
-        return models.synthesis.with_shared(y_hat, context_values.float())
+        main = self._read_main(stream, scale_index.numpy())
+        if models.temporal is None:
+            y_hat = torch.from_numpy(main) + mean
+        else:
+            y_hat = torch.from_numpy(models.temporal.reconstruct(main, mean.numpy()))
+        return models.synthesis.with_shared(y_hat.float(), context_values.float())
 
     def decompress_many(self, items: Sequence[tuple[bytes | memoryview, int]]) -> list[torch.Tensor | BitstreamError]:
-        if self.raw_token_threshold:  # raw tokens split each body first: one at a time
+        if self.raw_token_threshold or self.temporal is not None:
+            # Raw tokens split each body first, a temporal prediction runs token by token: one at a time.
             return super().decompress_many(items)
         models = self._coding_models()
         results: list[torch.Tensor | BitstreamError | None] = [None] * len(items)
@@ -658,6 +733,43 @@ class _IntegerSideNetwork:
 
 
 @dataclass(frozen=True)
+class _TemporalPredictor:
+    """The temporal prediction in fixed point, evaluated in float64.
+
+    The previous token's latents are rounded to 1/2**TEMPORAL_INPUT_BITS and the weights are integers
+    (units of 2**-FRACTION_BITS), so every partial sum is an integer below 2**52 (checked when it is
+    built): the predictions, and the latents rebuilt from them, are the same on every machine.
+    """
+
+    weight: np.ndarray  # (C, C) float64 integers, input channel by output channel
+    bound: float  # predictions are clamped to -bound .. bound
+
+    def predict(self, previous: np.ndarray) -> np.ndarray:
+        """The previous token's latents ``(C,)`` -> the prediction added to this token's means."""
+        sums = np.round(previous * 2.0**TEMPORAL_INPUT_BITS) @ self.weight
+        return np.clip(sums * 2.0 ** -(TEMPORAL_INPUT_BITS + FRACTION_BITS), -self.bound, self.bound)
+
+    def quantise(self, y: np.ndarray, mean: np.ndarray, half: np.ndarray) -> np.ndarray:
+        """The encoder's side: latents ``(T, C)``, the side network's means and each symbol's table half
+        width -> the signed symbols, each token rounded against the prediction from the one before."""
+        symbols = np.empty_like(y)
+        previous = np.zeros(y.shape[1])
+        for t in range(y.shape[0]):
+            token_mean = mean[t] + self.predict(previous)
+            symbols[t] = np.clip(np.round(y[t] - token_mean), -half[t], half[t])
+            previous = symbols[t] + token_mean
+        return symbols
+
+    def reconstruct(self, symbols: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """The decoder's side: signed symbols ``(T, C)`` and the side network's means -> the latents."""
+        latents = np.empty_like(symbols)
+        previous = np.zeros(symbols.shape[1])
+        for t in range(symbols.shape[0]):
+            previous = latents[t] = symbols[t] + (mean[t] + self.predict(previous))
+        return latents
+
+
+@dataclass(frozen=True)
 class _CodingModels:
     """What coding needs, built once from the weights and tables."""
 
@@ -678,6 +790,7 @@ class _CodingModels:
     analysis: _Analysis
     side_analysis: FrozenLayers
     synthesis: FusedResidual
+    temporal: _TemporalPredictor | None  # with a temporal prediction
     finite_output: bool  # no body decodes to NaN or infinity (proven from the bounds when built)
 
 

@@ -35,6 +35,10 @@ from splitwire.split.models import LoadedModel, ModelFamily
 
 log = logging.getLogger(__name__)
 
+FIT_BATCHES = 20  # batches whose hidden states start the transforms (PCA) and the standardiser
+# A temporal prediction has a weight per pair of latents: its least-squares start reads more tokens.
+TEMPORAL_FIT_BATCHES = 80
+
 TRAINABLE: dict[CodecKind, type[CodingModel]] = {
     CodecKind.FACTORIZED: FactorizedModel,
     CodecKind.HYPERPRIOR: HyperpriorModel,
@@ -193,8 +197,10 @@ def train_codec(
     split_model = SplitModel(model)
     cut = Cut(model.num_blocks, config.split)
     module = build_module(model, config)
-    transforms = [p for name, p in module.named_parameters() if name.startswith("g_")]
-    others = [p for name, p in module.named_parameters() if not name.startswith("g_")]
+    # Started from a fit to the data (PCA, least squares): trained at their own, usually slower, rate.
+    fitted = ("g_", "temporal.")
+    transforms = [p for name, p in module.named_parameters() if name.startswith(fitted)]
+    others = [p for name, p in module.named_parameters() if not name.startswith(fitted)]
     optimizer = torch.optim.Adam(
         [{"params": others, "lr_scale": 1.0}, {"params": transforms, "lr_scale": config.transform_lr_scale}],
         lr=config.lr,
@@ -315,10 +321,15 @@ def _fit_to_data(
     latent_scale: float,
     shared_step: bool,
 ) -> None:
-    samples = []
+    temporal = isinstance(module, HyperpriorModel) and module.temporal is not None
+    samples, sequences = [], []
     with torch.no_grad():
-        for _ in range(20):
+        for index in range(TEMPORAL_FIT_BATCHES if temporal else FIT_BATCHES):
             batch = next(batches)
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
-            samples.append(hidden[batch.token_mask])
+            if index < FIT_BATCHES:
+                samples.append(hidden[batch.token_mask])
+            sequences += [rows[mask] for rows, mask in zip(hidden, batch.token_mask, strict=True)]
     module.fit(torch.cat(samples), latent_scale, shared_step)
+    if temporal:
+        module.fit_temporal(sequences)

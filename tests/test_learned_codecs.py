@@ -26,6 +26,7 @@ HYPERPRIOR_VARIANTS: dict[str, dict[str, object]] = {
     "hyperprior-context": {"context_channels": 16},
     "hyperprior-linear-context": {"context_channels": 16, "context_hidden": 0},  # g_c linear in the mean token
     "hyperprior-raw": {"raw_token_threshold": 5.5},  # tokens beyond 5.5 travel as float16 (two of the golden input)
+    "hyperprior-temporal": {"temporal": True},  # each token's means predicted from the token before
 }
 
 
@@ -48,6 +49,9 @@ def build(kind: str) -> LearnedCodec:
     else:
         module, cls = PcaModel(WIDTH, components=8, step=0.5), PcaCodec
     module.fit(samples)
+    if kind == "hyperprior-temporal":  # it starts predicting nothing; give it a prediction to make
+        with torch.no_grad():
+            module.temporal.weight.copy_(0.4 * torch.eye(8) + 0.1 * torch.randn(8, 8))
     module.update_tables()
     return cls(kind, WIDTH, module)
 
@@ -59,6 +63,7 @@ KINDS = [
     "hyperprior-context",
     "hyperprior-linear-context",
     "hyperprior-raw",
+    "hyperprior-temporal",
     "uniform",
     "pca",
 ]
@@ -408,7 +413,7 @@ def test_output_bound_covers_every_output(hidden: int, layers: int) -> None:
 def test_hyperprior_decoders_are_proven_finite_and_unproven_ones_are_checked() -> None:
     """Decoding skips the output check only where bounded symbols and weights prove it finite; a decoder
     the proof does not cover still refuses a body that decodes to infinity, alone and in a batch."""
-    for kind in ("hyperprior", "hyperprior-context", "hyperprior-raw"):
+    for kind in ("hyperprior", "hyperprior-context", "hyperprior-raw", "hyperprior-temporal"):
         assert build(kind).decodes_only_finite(), kind
     for kind in ("factorized", "uniform", "pca"):
         assert not build(kind).decodes_only_finite(), kind
@@ -439,3 +444,85 @@ def test_a_linear_context_leaves_the_encoder_one_product_over_the_tokens() -> No
         _, context = linear._coding_models().analysis(hidden)
         expected = linear.g_c(linear.standardize(hidden)).mean(0)
     torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-4)
+
+
+def _temporal_twin(weight: torch.Tensor) -> tuple[LearnedCodec, LearnedCodec]:
+    """The plain hyperprior with h_s predicting zero means, and the same weights with a temporal
+    prediction of ``weight`` ``(8, 8)``."""
+    plain = build("hyperprior")
+    with torch.no_grad():
+        plain.module.h_s.net[2].weight[:8] = 0.0
+        plain.module.h_s.net[2].bias[:8] = 0.0
+    plain.module.update_tables()
+    module = HyperpriorModel(WIDTH, **SMALL_HYPERPRIOR, temporal=True)
+    module.load_state_dict(plain.module.state_dict(), strict=False)
+    with torch.no_grad():
+        module.temporal.weight.copy_(weight)
+    module.update_tables()
+    return plain, HyperpriorCodec("hyperprior-temporal", WIDTH, module)
+
+
+def test_a_temporal_prediction_of_nothing_codes_as_the_plain_hyperprior() -> None:
+    """Only the means change: with zero weights the bytes are the plain codec's, and the option is
+    recorded only when on, so codecs trained without it keep their fingerprints."""
+    plain, temporal = _temporal_twin(torch.zeros(8, 8))
+    assert "temporal" not in plain.module.config and temporal.module.config["temporal"] is True
+    hidden = seeded((12, WIDTH))
+    assert temporal.encode(hidden) == plain.encode(hidden)
+
+
+def test_a_temporal_prediction_saves_bits_on_correlated_tokens_and_decodes_to_the_same_error() -> None:
+    """Tokens that drift slowly leave small symbols when each is predicted from the one before (fewer
+    bits even under scales not trained for it), and the decoder rebuilds what the encoder quantised
+    against: the error stays what plain rounding gives instead of accumulating along the sequence."""
+    plain, temporal = _temporal_twin(torch.eye(8))
+    steps = seeded((64, WIDTH), seed=2) * 0.02
+    hidden = seeded((1, WIDTH), seed=3) + steps.cumsum(0)  # a slow random walk
+
+    def mean_symbol(codec: LearnedCodec) -> float:  # after the first token, which has no prediction
+        symbols = codec.module._symbols(hidden)
+        signed = symbols.main - codec.module._coding_models().half_widths[symbols.scale_index]
+        return float(np.abs(signed[1:]).mean())
+
+    assert mean_symbol(temporal) < 0.2 * mean_symbol(plain)
+    plain_body, temporal_body = plain.encode(hidden), temporal.encode(hidden)
+    assert len(temporal_body) < len(plain_body)
+    assert temporal.estimate_bits(hidden) <= 8 * len(temporal_body) <= 1.01 * temporal.estimate_bits(hidden) + 64
+    plain_error = (plain.decode(plain_body, 64) - hidden).abs().max()
+    temporal_error = (temporal.decode(temporal_body, 64) - hidden).abs().max()
+    assert temporal_error <= 1.5 * plain_error + 1e-3
+    first_only = temporal.decode(temporal.encode(hidden[:1]), 1)  # a one-token payload has no prediction
+    torch.testing.assert_close(first_only, plain.decode(plain.encode(hidden[:1]), 1), rtol=0, atol=0)
+
+
+def test_training_predicts_each_token_from_the_one_before_and_learns_the_prediction() -> None:
+    module = HyperpriorModel(WIDTH, **SMALL_HYPERPRIOR, temporal=True, raw_token_threshold=5.5)
+    y = torch.arange(1.0, 5.0)[None, :, None].expand(1, 4, 3)
+    raw = torch.tensor([[False, True, False, False]])
+    previous = module._previous_latents(y, raw)
+    assert previous[0, 0].abs().max() == 0 and previous[0, 2].abs().max() == 0  # the first; after a raw one
+    assert (previous[0, 3] - 3.0).abs().max() <= 0.5 and (previous[0, 1] - 1.0).abs().max() <= 0.5
+    hidden = seeded((2, 10, WIDTH)).clamp(-5, 5)
+    module.fit(hidden.reshape(-1, WIDTH))
+    _, bits = module(hidden)
+    bits.sum().backward()
+    assert module.temporal.weight.grad is not None and module.temporal.weight.grad.abs().sum() > 0
+
+
+def test_the_temporal_fit_predicts_tokens_that_follow_each_other() -> None:
+    """fit_temporal starts the prediction as least squares on the sequences it is given: on tokens that
+    each keep most of the one before, it removes most of the latents' energy."""
+    generator = torch.Generator().manual_seed(6)
+    sequences = []
+    for _ in range(20):
+        rows = [torch.randn(WIDTH, generator=generator)]
+        for _ in range(49):
+            rows.append(0.9 * rows[-1] + 0.3 * torch.randn(WIDTH, generator=generator))
+        sequences.append(torch.stack(rows))
+    module = HyperpriorModel(WIDTH, **SMALL_HYPERPRIOR, temporal=True)
+    module.fit(torch.cat(sequences))
+    module.fit_temporal(sequences)
+    with torch.no_grad():
+        y = module.g_a(module.standardize(sequences[0]))
+        predicted = module.temporal(y[:-1])
+    assert (y[1:] - predicted).square().mean() < 0.3 * y[1:].square().mean()

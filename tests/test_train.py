@@ -293,3 +293,23 @@ def test_train_codec_records_the_wikitext_rows_a_decoder_codec_trained_on(tmp_pa
     with pytest.raises(SystemExit) as refused:
         bench_main([a if a != "40:" else "forty" for a in argv])
     assert refused.value.code == 2  # argparse's refusal, naming the expected form
+
+
+def test_decoder_training_starts_a_temporal_prediction_from_least_squares(
+    tiny_llama: LoadedModel, tmp_path: Path
+) -> None:
+    decoder_config = TrainConfig(
+        kind=CodecKind.HYPERPRIOR,
+        split=2,
+        lmbda=200.0,
+        steps=3,
+        batch_tokens=64,
+        max_tokens=16,
+        module={"latent_channels": 16, "side_channels": 2, "hidden": 16, "hyper_hidden": 8, "temporal": True},
+    )
+    module = train_codec(tiny_llama, TEXTS, decoder_config, tmp_path)
+    assert module.config["temporal"] is True
+    assert module.temporal.weight.abs().sum() > 0  # fitted before training: it starts at zero
+    hidden = torch.randn(9, tiny_llama.hidden_size)
+    with torch.inference_mode():
+        assert module.decompress(module.compress(hidden), 9).shape == (9, tiny_llama.hidden_size)
