@@ -26,6 +26,17 @@ from splitwire.split.models import LoadedModel
 
 TEXTS = [f"sentence {i} about {w} things" for i, w in enumerate(["red", "big", "old", "new", "odd", "fun"] * 8)]
 
+DECODER_CONFIG = TrainConfig(
+    kind=CodecKind.HYPERPRIOR,
+    split=2,
+    lmbda=200.0,
+    steps=40,
+    batch_tokens=64,
+    max_tokens=16,
+    lr=3e-3,
+    module={"latent_channels": 16, "side_channels": 2, "hidden": 16, "hyper_hidden": 8},
+)
+
 
 def config(steps: int, **module: object) -> TrainConfig:
     return TrainConfig(
@@ -140,17 +151,7 @@ def test_decoder_training_with_kl_to_the_unsplit_next_token_distribution_learns(
         distortions.append(stats["dist"])
         losses.append(stats["bpt"] + 200.0 * stats["dist"])
 
-    decoder_config = TrainConfig(
-        kind=CodecKind.HYPERPRIOR,
-        split=2,
-        lmbda=200.0,
-        steps=40,
-        batch_tokens=64,
-        max_tokens=16,
-        lr=3e-3,
-        module={"latent_channels": 16, "side_channels": 2, "hidden": 16, "hyper_hidden": 8},
-    )
-    module = train_codec(tiny_llama, TEXTS, decoder_config, tmp_path, progress=record)
+    module = train_codec(tiny_llama, TEXTS, DECODER_CONFIG, tmp_path, progress=record)
     assert not (tmp_path / "teacher.pt").exists()  # per-position distributions are computed per batch
     assert all(d >= 0 for d in distortions)  # a KL divergence
     assert sum(losses[-10:]) < sum(losses[:10])
@@ -298,16 +299,8 @@ def test_train_codec_records_the_wikitext_rows_a_decoder_codec_trained_on(tmp_pa
 def test_decoder_training_starts_a_temporal_prediction_from_least_squares(
     tiny_llama: LoadedModel, tmp_path: Path
 ) -> None:
-    decoder_config = TrainConfig(
-        kind=CodecKind.HYPERPRIOR,
-        split=2,
-        lmbda=200.0,
-        steps=3,
-        batch_tokens=64,
-        max_tokens=16,
-        module={"latent_channels": 16, "side_channels": 2, "hidden": 16, "hyper_hidden": 8, "temporal": True},
-    )
-    module = train_codec(tiny_llama, TEXTS, decoder_config, tmp_path)
+    temporal = replace(DECODER_CONFIG, steps=3, module={**DECODER_CONFIG.module, "temporal": True})
+    module = train_codec(tiny_llama, TEXTS, temporal, tmp_path)
     assert module.config["temporal"] is True
     assert module.temporal.weight.abs().sum() > 0  # fitted before training: it starts at zero
     hidden = torch.randn(9, tiny_llama.hidden_size)
