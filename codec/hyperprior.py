@@ -278,7 +278,9 @@ class HyperpriorModel(CodingModel):
     @staticmethod
     def _previous_latents(y: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """What the decoder holds of the token before each one: its latents with a rounding's error
-        (uniform noise, as in the rate term), zeros before the first token and after a raw one."""
+        (uniform noise, as in the rate term), zeros before the first token and after a raw one. (Coding
+        predicts the token after a raw one from the coded token before it; raw tokens other than a
+        sequence's first, the attention sink, are rare.)"""
         decoded = quantize(y, QuantMode.NOISE).masked_fill(raw.unsqueeze(-1), 0.0)
         return torch.nn.functional.pad(decoded[..., :-1, :], (0, 0, 1, 0))
 
