@@ -68,10 +68,13 @@ def kept_positions(header: Header) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(header.kept_mask()))
 
 
-def decode_hidden(codec: Codec, header: Header, body: bytes | memoryview, split_model: SplitModel) -> torch.Tensor:
+def decode_hidden(
+    codec: Codec, header: Header, body: bytes | memoryview, split_model: SplitModel, carry: object | None
+) -> torch.Tensor:
     """A payload's body -> the input of the back half's first block for its kept tokens ``(T_kept, D)``;
-    BitstreamError when malformed. Token ids (split 0, nothing run on the edge) are embedded here."""
-    return _embedded(codec, codec.decode_body(header, body), split_model)
+    BitstreamError when malformed. Token ids (split 0, nothing run on the edge) are embedded here.
+    ``carry``: the stream's (Codec.new_carry), for a generation's payloads."""
+    return _embedded(codec, codec.decode_body(header, body, carry), split_model)
 
 
 def _embedded(codec: Codec, hidden: torch.Tensor, split_model: SplitModel) -> torch.Tensor:

@@ -319,7 +319,7 @@ class InferenceEngine:
         """Decode one payload of ``session`` (the prompt, then one token) and choose the next token."""
         started = time.monotonic()
         codec = session.codec
-        header, hidden = await self._decode(codec, payload)
+        header, hidden = await self._decode(codec, payload, session.carry)
         try:
             session.check(header)
         except SessionStateError as exc:
@@ -346,20 +346,20 @@ class InferenceEngine:
         except BitstreamError as exc:
             raise _malformed(codec, exc) from None
 
-    async def _decode(self, codec: Codec, payload: bytes) -> tuple[Header, torch.Tensor]:
+    async def _decode(self, codec: Codec, payload: bytes, carry: object | None) -> tuple[Header, torch.Tensor]:
         """Payload -> header and the kept tokens' hidden states ``(T_kept, D)``, on the event loop or a
-        decode thread by the predicted cost of the tokens the header claims; InvalidInput when malformed."""
+        decode thread by the predicted cost of the tokens the header claims; InvalidInput when malformed.
+        ``carry``: the stream's (Codec.new_carry), for a generation's payloads."""
         header, body = self._parse(codec, payload)
-        hidden = await self._placer.run(
-            codec.name, len(payload), header.kept_tokens, functools.partial(self._decode_body, codec, header, body)
-        )
+        decode = functools.partial(self._decode_body, codec, header, body, carry)
+        hidden = await self._placer.run(codec.name, len(payload), header.kept_tokens, decode)
         return header, hidden
 
-    def _decode_body(self, codec: Codec, header: Header, body: memoryview) -> torch.Tensor:
+    def _decode_body(self, codec: Codec, header: Header, body: memoryview, carry: object | None) -> torch.Tensor:
         """The costly half of decoding, wherever the placer runs it."""
         assert self._split_model is not None
         try:
-            return decode_hidden(codec, header, body, self._split_model)
+            return decode_hidden(codec, header, body, self._split_model, carry)
         except BitstreamError as exc:
             raise _malformed(codec, exc) from None
 

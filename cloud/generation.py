@@ -59,6 +59,8 @@ class GenerationSession:
         self._split_model = split_model
         self._sampler = TokenSampler(params)
         self._cache: DecoderCache | None = split_model.new_cache(cut.back)
+        # What the codec carries from one of the stream's payloads to the next (the edge keeps its own).
+        self.carry = codec.new_carry()
 
     @property
     def prefilled(self) -> bool:

@@ -6,6 +6,9 @@
     payload --container.parse--> header, body --decode--> hidden (T, D)
 
 A codec instance is bound to one model width and knows which split points it is valid for.
+
+Payloads stand alone, except in a stream that both peers code in order (a generation's prompt, then
+its steps): there a codec may carry state from one payload to the next (:meth:`Codec.new_carry`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,23 @@ class Codec(ABC):
         declared shape.
         """
 
+    # -- streams ----------------------------------------------------------------------------
+
+    def new_carry(self) -> object | None:
+        """What this codec carries from one payload of an ordered stream to the next, fresh for a new
+        stream; the encoder and the decoder each keep one and pass it with every payload of the stream,
+        in order. None (the default): every payload stands alone."""
+        return None
+
+    def encode_carried(self, hidden: torch.Tensor, carry: object) -> bytes:
+        """:meth:`encode`, for the next payload of the stream ``carry`` belongs to (updating it)."""
+        return self.encode(hidden)
+
+    def decode_carried(self, body: bytes | memoryview, tokens: int, carry: object) -> torch.Tensor:
+        """:meth:`decode`, for the next payload of the stream ``carry`` belongs to (updated only when the
+        body decodes)."""
+        return self.decode(body, tokens)
+
     # -- identity ---------------------------------------------------------------------------
 
     def config(self) -> dict[str, object]:
@@ -121,10 +141,13 @@ class Codec(ABC):
             return self.encode_payload(hidden)
         return self.encode_payload(hidden[torch.from_numpy(keep)], token_mask=keep)
 
-    def encode_payload(self, hidden: torch.Tensor, token_mask: np.ndarray | None = None) -> bytes:
+    def encode_payload(
+        self, hidden: torch.Tensor, token_mask: np.ndarray | None = None, carry: object | None = None
+    ) -> bytes:
         """Hidden states of kept tokens ``(T_kept, D)`` -> payload with header.
 
-        ``token_mask`` ``(T,)`` bool marks which input tokens were kept; None when all were.
+        ``token_mask`` ``(T,)`` bool marks which input tokens were kept; None when all were. ``carry``:
+        the stream's (:meth:`new_carry`), for a payload of an ordered stream.
         """
         if hidden.ndim != 2 or hidden.shape[1] != self.width:
             raise ValueError(f"{self.name} codes (tokens, {self.width}) tensors, got {tuple(hidden.shape)}")
@@ -132,7 +155,8 @@ class Codec(ABC):
         if token_mask is not None and int(np.count_nonzero(token_mask)) != hidden.shape[0]:
             raise ValueError("token mask and hidden states disagree on the number of kept tokens")
         header = container.Header(int(self.kind), tokens, self.width, token_mask)
-        return container.pack(header, self.encode(hidden.detach().float().contiguous()))
+        hidden = hidden.detach().float().contiguous()
+        return container.pack(header, self.encode(hidden) if carry is None else self.encode_carried(hidden, carry))
 
     def decode_payload(
         self, payload: bytes, max_tokens: int = container.DEFAULT_MAX_TOKENS
@@ -156,9 +180,15 @@ class Codec(ABC):
             raise BitstreamError(f"payload width {header.width} does not match the model width {self.width}")
         return header, body
 
-    def decode_body(self, header: container.Header, body: bytes | memoryview) -> torch.Tensor:
-        """The costly half of :meth:`decode_payload`: the body of a parsed payload -> ``(T_kept, D)``."""
-        return self.checked_output(self.decode(body, header.kept_tokens))
+    def decode_body(
+        self, header: container.Header, body: bytes | memoryview, carry: object | None = None
+    ) -> torch.Tensor:
+        """The costly half of :meth:`decode_payload`: the body of a parsed payload -> ``(T_kept, D)``;
+        ``carry`` as for :meth:`encode_payload`."""
+        tokens = header.kept_tokens
+        return self.checked_output(
+            self.decode(body, tokens) if carry is None else self.decode_carried(body, tokens, carry)
+        )
 
     def checked_output(self, hidden: torch.Tensor) -> torch.Tensor:
         """What a decoder made of a body, checked for NaN and infinity unless this codec cannot make them."""

@@ -23,7 +23,9 @@ payload: a linear map of that token's decoded latents (predictive coding, as DPC
 difference from what its past predicts). Only the means change, not the scales, so the decoder still
 entropy-decodes every symbol first and then rebuilds the latents token by token; the prediction runs
 in fixed point, as the integer ``h_s`` does, so both peers rebuild the same latents bit for bit. The
-first token of a payload has no prediction: a generation step's one-token payload gains nothing.
+first token of a payload is predicted from nothing, unless the payload continues a stream (a
+generation's steps): each peer then keeps a :class:`LatentCarry`, the last token's latents, from one
+payload to the next, so a one-token step is predicted from the token before it too.
 
 With ``raw_token_threshold > 0``, a token whose largest absolute value exceeds the threshold is sent
 apart, as float16, ahead of the coded stream. Decoder LMs put activations in the tens of thousands on a
@@ -403,7 +405,7 @@ class HyperpriorModel(CodingModel):
         largest_latent = half_width + side_network.largest_mean + (half_width if self.temporal is not None else 0.0)
         return synthesis.output_bound(max(largest_latent, largest_side)) < FINITE_OUTPUT_BOUND
 
-    def _symbols(self, hidden: torch.Tensor) -> _Symbols:
+    def _symbols(self, hidden: torch.Tensor, carry: LatentCarry | None = None) -> _Symbols:
         # Torch until the entropy coder: the encoder runs right after the model's front blocks, whose
         # math library is then warm, while each first call into another library costs tens of microseconds.
         models = self._coding_models()
@@ -415,15 +417,20 @@ class HyperpriorModel(CodingModel):
         half = torch.take(models.half_widths_tensor, scale_index)
         # Each main symbol as an index into its scale's table, which covers -half .. half; int32, as the
         # entropy coder takes them.
+        last_latents = None
         if models.temporal is None:
             main = torch.round(y.double() - mean).clamp_(-half, half).add_(half)
         else:
-            main = torch.from_numpy(models.temporal.quantise(y.double().numpy(), mean.numpy(), half.numpy())).add_(half)
+            signed, last_latents = models.temporal.quantise(
+                y.double().numpy(), mean.numpy(), half.numpy(), carry.previous if carry else None
+            )
+            main = torch.from_numpy(signed).add_(half)
         return _Symbols(
             models.context_range.indices(context),
             models.side_range.indices(side),
             main.int().numpy(),
             scale_index.numpy(),
+            last_latents,
         )
 
     def _coding_order(self, scale_index: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, list[list[int]]]:
@@ -441,9 +448,20 @@ class HyperpriorModel(CodingModel):
         sizes = np.bincount(keys, minlength=len(counts) * scales).reshape(len(counts), scales)
         return order, sizes.tolist()
 
-    def compress(self, hidden: torch.Tensor) -> bytes:
+    def new_carry(self) -> LatentCarry | None:
+        return LatentCarry() if self.temporal is not None else None
+
+    def compress_carried(self, hidden: torch.Tensor, carry: object) -> bytes:
+        assert isinstance(carry, LatentCarry)
+        return self.compress(hidden, carry)
+
+    def decompress_carried(self, body: bytes | memoryview, tokens: int, carry: object) -> torch.Tensor:
+        assert isinstance(carry, LatentCarry)
+        return self.decompress(body, tokens, carry)
+
+    def compress(self, hidden: torch.Tensor, carry: LatentCarry | None = None) -> bytes:
         if not self.raw_token_threshold:
-            return self._compress_coded(hidden)
+            return self._compress_coded(hidden, carry)
         raw = self.raw_tokens(hidden)
         out = bytearray()
         indices = np.flatnonzero(raw.numpy())
@@ -454,12 +472,12 @@ class HyperpriorModel(CodingModel):
             previous = int(index)
         out += hidden[raw].clamp(-FLOAT16_MAX, FLOAT16_MAX).numpy().astype("<f2").tobytes()
         if len(indices) < hidden.shape[0]:
-            out += self._compress_coded(hidden[~raw])
+            out += self._compress_coded(hidden[~raw], carry)
         return bytes(out)
 
-    def decompress(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+    def decompress(self, body: bytes | memoryview, tokens: int, carry: LatentCarry | None = None) -> torch.Tensor:
         if not self.raw_token_threshold:
-            return self._decompress_coded(body, tokens)
+            return self._decompress_coded(body, tokens, carry)
         data = memoryview(body)
         count, offset = read_varint(data, 0, "raw token count", part="body")
         if count > tokens:
@@ -482,14 +500,14 @@ class HyperpriorModel(CodingModel):
         coded = np.ones(tokens, dtype=bool)
         coded[indices] = False
         if count < tokens:
-            hidden[torch.from_numpy(coded)] = self._decompress_coded(rest, tokens - count)
+            hidden[torch.from_numpy(coded)] = self._decompress_coded(rest, tokens - count, carry)
         elif len(rest):
             raise BitstreamError(f"{len(rest)} bytes after the last raw token of a payload with no coded tokens")
         hidden[indices] = torch.from_numpy(rows.astype(np.float32))
         return hidden
 
-    def _compress_coded(self, hidden: torch.Tensor) -> bytes:
-        symbols = self._symbols(hidden)
+    def _compress_coded(self, hidden: torch.Tensor, carry: LatentCarry | None) -> bytes:
+        symbols = self._symbols(hidden, carry)
         models = self._coding_models()
         order, (sizes,) = self._coding_order(symbols.scale_index, [symbols.scale_index.shape[0]])
         values = symbols.main.ravel()[order]  # in coding order
@@ -505,9 +523,12 @@ class HyperpriorModel(CodingModel):
             if size:
                 stream.push(values[start : start + size], model)
                 start += size
-        return stream.to_bytes()
+        body = stream.to_bytes()
+        if carry is not None:
+            carry.previous = symbols.last_latents
+        return body
 
-    def _decompress_coded(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
+    def _decompress_coded(self, body: bytes | memoryview, tokens: int, carry: LatentCarry | None) -> torch.Tensor:
         models = self._coding_models()
         stream = CodedStream(body)
         context, side = self._read_side(stream, tokens)
@@ -517,7 +538,10 @@ class HyperpriorModel(CodingModel):
         if models.temporal is None:
             y_hat = torch.from_numpy(main) + mean
         else:
-            y_hat = torch.from_numpy(models.temporal.reconstruct(main, mean.numpy()))
+            latents = models.temporal.reconstruct(main, mean.numpy(), carry.previous if carry else None)
+            if carry is not None and len(latents):
+                carry.previous = latents[-1].copy()
+            y_hat = torch.from_numpy(latents)
         return models.synthesis.with_shared(y_hat.float(), context_values.float())
 
     def decompress_many(self, items: Sequence[tuple[bytes | memoryview, int]]) -> list[torch.Tensor | BitstreamError]:
@@ -638,6 +662,15 @@ class _Symbols:
     side: np.ndarray  # (T, G)
     main: np.ndarray  # (T, C)
     scale_index: np.ndarray  # (T, C)
+    last_latents: np.ndarray | None  # (C,) with a temporal prediction: the last token's decoded latents
+
+
+@dataclass
+class LatentCarry:
+    """What a temporal prediction carries along a stream: the decoded latents ``(C,)`` of the last coded
+    token of the stream's payloads so far (None before the first). Encoder and decoder each keep one."""
+
+    previous: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -746,26 +779,32 @@ class _TemporalPredictor:
     weight: np.ndarray  # (C, C) float64 integers, input channel by output channel
     bound: float  # predictions are clamped to -bound .. bound
 
-    def predict(self, previous: np.ndarray) -> np.ndarray:
-        """The previous token's latents ``(C,)`` -> the prediction added to this token's means."""
+    def predict(self, previous: np.ndarray | None) -> np.ndarray:
+        """The previous token's latents ``(C,)`` (None: no token before) -> the prediction added to this
+        token's means."""
+        if previous is None:
+            return np.zeros(self.weight.shape[1])
         sums = np.round(previous * 2.0**TEMPORAL_INPUT_BITS) @ self.weight
         return np.clip(sums * 2.0 ** -(TEMPORAL_INPUT_BITS + FRACTION_BITS), -self.bound, self.bound)
 
-    def quantise(self, y: np.ndarray, mean: np.ndarray, half: np.ndarray) -> np.ndarray:
-        """The encoder's side: latents ``(T, C)``, the side network's means and each symbol's table half
-        width -> the signed symbols, each token rounded against the prediction from the one before."""
+    def quantise(
+        self, y: np.ndarray, mean: np.ndarray, half: np.ndarray, previous: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The encoder's side: latents ``(T, C)``, the side network's means, each symbol's table half
+        width and the decoded latents of the token before the first (None: zeros) -> the signed symbols,
+        each token rounded against the prediction from the one before, and the last token's decoded
+        latents (``previous`` when there are no tokens)."""
         symbols = np.empty_like(y)
-        previous = np.zeros(y.shape[1])
         for t in range(y.shape[0]):
             token_mean = mean[t] + self.predict(previous)
             symbols[t] = np.clip(np.round(y[t] - token_mean), -half[t], half[t])
             previous = symbols[t] + token_mean
-        return symbols
+        return symbols, previous
 
-    def reconstruct(self, symbols: np.ndarray, mean: np.ndarray) -> np.ndarray:
-        """The decoder's side: signed symbols ``(T, C)`` and the side network's means -> the latents."""
+    def reconstruct(self, symbols: np.ndarray, mean: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        """The decoder's side: signed symbols ``(T, C)``, the side network's means and the decoded latents
+        of the token before the first (None: zeros) -> the latents."""
         latents = np.empty_like(symbols)
-        previous = np.zeros(symbols.shape[1])
         for t in range(symbols.shape[0]):
             previous = latents[t] = symbols[t] + (mean[t] + self.predict(previous))
         return latents

@@ -344,6 +344,20 @@ class CodingModel(nn.Module):
         """Body bytes -> ``(tokens, D)``; raises BitstreamError on malformed input."""
         raise NotImplementedError
 
+    def new_carry(self) -> object | None:
+        """What coding carries from one payload of a stream to the next (see Codec.new_carry); None here:
+        modules that give one also implement the two methods below."""
+        return None
+
+    def compress_carried(self, hidden: torch.Tensor, carry: object) -> bytes:
+        """:meth:`compress`, for the next payload of the stream ``carry`` belongs to (updating it)."""
+        raise NotImplementedError
+
+    def decompress_carried(self, body: bytes | memoryview, tokens: int, carry: object) -> torch.Tensor:
+        """:meth:`decompress`, for the next payload of the stream ``carry`` belongs to (updated only when
+        the body decodes)."""
+        raise NotImplementedError
+
     def decompress_many(self, items: Sequence[tuple[bytes | memoryview, int]]) -> list[torch.Tensor | BitstreamError]:
         """:meth:`decompress` for several ``(body, tokens)``, each result in its place, a malformed body's
         BitstreamError included. One at a time here; modules that can batch their transforms override it."""
@@ -405,6 +419,17 @@ class LearnedCodec(Codec):
     def decode(self, body: bytes | memoryview, tokens: int) -> torch.Tensor:
         with _inference():
             return self.module.decompress(body, tokens)
+
+    def new_carry(self) -> object | None:
+        return self.module.new_carry()
+
+    def encode_carried(self, hidden: torch.Tensor, carry: object) -> bytes:
+        with _inference():
+            return self.module.compress_carried(hidden, carry)
+
+    def decode_carried(self, body: bytes | memoryview, tokens: int, carry: object) -> torch.Tensor:
+        with _inference():
+            return self.module.decompress_carried(body, tokens, carry)
 
     def decodes_only_finite(self) -> bool:
         return self.module.decodes_only_finite()

@@ -452,6 +452,7 @@ class EdgeAgent:
             ids = self.prompt_ids(prompt, chat)
         tokenized = time.perf_counter()
         cache = self._split_model.new_cache(self.cut.front)
+        carry = self.codec.new_carry()  # the server's session keeps its own, payload by payload
         tokenizer = self.model.tokenizer
         front_s = encode_s = 0.0
         payload_bytes = message_bytes = tokens_sent = 0
@@ -472,7 +473,8 @@ class EdgeAgent:
                     with torch.inference_mode():
                         hidden = self._split_model.front_step(cache, step_ids)[0]
                 t1 = time.perf_counter()
-                payload = self.codec.encode_payload(hidden)  # every token: the server's cache needs each position
+                # Every token: the server's cache needs each position.
+                payload = self.codec.encode_payload(hidden, carry=carry)
             front_s, encode_s = front_s + t1 - t0, encode_s + time.perf_counter() - t1
             request = pb.InferRequest(payload=payload)
             payload_bytes += len(payload)

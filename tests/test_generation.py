@@ -20,8 +20,13 @@ import grpc
 import pytest
 import torch
 from conftest import ServerThread
+from splitwire.benchmarks.shipping import install_checkpoint
 from splitwire.cloud.config import ComputeMode, ServerConfig
+from splitwire.codec import catalog as catalog_module
+from splitwire.codec.base import CodecKind
 from splitwire.codec.catalog import CodecCatalog
+from splitwire.codec.hyperprior import HyperpriorModel
+from splitwire.codec.learned import save_checkpoint
 from splitwire.codec.raw import Fp16Codec, Fp32Codec
 from splitwire.edge import cli as edge_cli
 from splitwire.edge.agent import EdgeAgent, EdgeConfig, EdgeError
@@ -147,6 +152,53 @@ def test_greedy_generation_through_the_server_equals_unsplit(
     assert result.payload_bytes == 3 + 128 * result.prompt_tokens + steps * (3 + 128)
     assert result.bits_per_token == pytest.approx(result.payload_bytes * 8 / result.tokens_sent)
     assert all(lp <= 0.0 for lp in result.logprobs)
+
+
+def test_a_temporal_codec_carries_its_prediction_from_step_to_step_on_both_sides(
+    tiny_llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A codec that predicts each token from the one before keeps what it needs between a stream's
+    payloads on the edge and in the server's session: the server's log-probabilities are those of a
+    local run that carries it on both sides, not of one whose decoder starts each step afresh."""
+    split = 2
+    split_model = SplitModel(tiny_llama)
+    ids, mask = tiny_llama.tokenize([PROMPT, "A quiet street at night, lit by one lamp and the moon."])
+    with torch.inference_mode():
+        hidden = split_model.run_front(Cut(tiny_llama.num_blocks, split), ids, mask)
+    module = HyperpriorModel(tiny_llama.hidden_size, latent_channels=16, side_channels=2, hidden=16, temporal=True)
+    module.fit(hidden[mask])
+    module.fit_temporal([rows[keep] for rows, keep in zip(hidden, mask, strict=True)])
+    save_checkpoint(module, CodecKind.HYPERPRIOR, tmp_path / "source.safetensors")
+    entry = {"name": "temporal", "kind": "hyperprior", "model": "tiny-llama", "split": split}
+    install_checkpoint(
+        tmp_path / "source.safetensors", {**entry, "model_fingerprint": tiny_llama.fingerprint}, tmp_path
+    )
+    shipped = catalog_module.read_manifest
+    monkeypatch.setattr(catalog_module, "read_manifest", lambda folder=None: shipped(tmp_path))
+    codec = CodecCatalog.for_model(tiny_llama.fingerprint, tiny_llama.hidden_size).get("temporal")
+    assert codec.new_carry() is not None
+
+    params = SamplingParams(max_new_tokens=8)
+    with tiny_llama_server() as running, agent_for(running, tiny_llama, split=split, codec="temporal") as agent:
+        result = agent.generate(PROMPT, params)
+
+    def local_logprobs(cloud_carries: bool) -> list[float]:
+        cut = Cut(tiny_llama.num_blocks, split)
+        front, back = split_model.new_cache(cut.front), split_model.new_cache(cut.back)
+        sender, receiver = codec.new_carry(), codec.new_carry()
+        logprobs, step_ids = [], prompt_ids(tiny_llama)
+        with torch.inference_mode():
+            for token in result.token_ids:
+                payload = codec.encode_payload(split_model.front_step(front, torch.tensor([step_ids]))[0], carry=sender)
+                decoded = codec.decode_body(*codec.parse_payload(payload), carry=receiver if cloud_carries else None)
+                logits = split_model.back_step(back, decoded.unsqueeze(0))
+                logprobs.append(float(torch.log_softmax(logits[0].float(), dim=-1)[token]))
+                step_ids = [token]
+        return logprobs
+
+    assert len(result.token_ids) == 8
+    assert result.logprobs == pytest.approx(local_logprobs(cloud_carries=True), abs=1e-4)
+    assert result.logprobs != pytest.approx(local_logprobs(cloud_carries=False), abs=1e-3)
 
 
 def test_token_ids_generate_like_unsplit_with_the_whole_model_in_the_cloud(

@@ -526,3 +526,35 @@ def test_the_temporal_fit_predicts_tokens_that_follow_each_other() -> None:
         y = module.g_a(module.standardize(sequences[0]))
         predicted = module.temporal(y[:-1])
     assert (y[1:] - predicted).square().mean() < 0.3 * y[1:].square().mean()
+
+
+def test_a_stream_of_payloads_carries_the_prediction_from_one_to_the_next() -> None:
+    """With a carry on each side, a prompt and then one token per payload decode to what the whole
+    sequence gives as one payload: each step is predicted from the token before it, which a payload
+    decoded without the carry does not know."""
+    _, codec = _temporal_twin(torch.eye(8))
+    hidden = seeded((1, WIDTH), seed=3) + (seeded((12, WIDTH), seed=2) * 0.02).cumsum(0)
+    whole = codec.decode_payload(codec.encode_payload(hidden))[1]
+    sender, receiver = codec.new_carry(), codec.new_carry()
+    streamed = []
+    for rows in (hidden[:5], *hidden[5:].split(1)):
+        header, body = codec.parse_payload(codec.encode_payload(rows, carry=sender))
+        streamed.append(codec.decode_body(header, body, carry=receiver))
+    # The same latents; the synthesis over 1 token or 12 may round its float32 sums apart.
+    torch.testing.assert_close(torch.cat(streamed), whole, rtol=0, atol=1e-5)
+    step = codec.encode_payload(hidden[5:6], carry=codec.new_carry())  # predicted from nothing
+    assert step != codec.encode_payload(hidden[5:6], carry=sender)
+    without_carry = codec.decode_payload(codec.encode_payload(hidden[6:7], carry=sender))[1]
+    assert (without_carry - whole[6:7]).abs().max() > 0.1
+    assert build("hyperprior").new_carry() is None  # nothing to carry: payloads stand alone
+
+
+def test_a_body_that_does_not_decode_leaves_the_carry_as_it_was() -> None:
+    _, codec = _temporal_twin(torch.eye(8))
+    carry = codec.new_carry()
+    header, body = codec.parse_payload(codec.encode_payload(seeded((4, WIDTH))))
+    codec.decode_body(header, body, carry=carry)
+    before = carry.previous.copy()
+    with pytest.raises(BitstreamError):
+        codec.decode_body(header, bytes(body[:-3]), carry=carry)
+    np.testing.assert_array_equal(carry.previous, before)
