@@ -398,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--temporal-prediction",
         action="store_true",
-        help="hyperprior: predict each token's latents from the token before it in the same payload (fewer "
-        "bits on multi-token payloads such as prompts; a one-token generation step gains nothing)",
+        help="hyperprior: predict each token's latents from the token before it (in the same payload, or in "
+        "a generation the stream's previous payload, which edge and server carry over)",
     )
     train.add_argument(
         "--raw-token-threshold",
