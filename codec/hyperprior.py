@@ -376,12 +376,17 @@ class HyperpriorModel(CodingModel):
     def _checked_temporal(self, side_network: _IntegerSideNetwork) -> _TemporalPredictor:
         """The fixed-point prediction in float64, after proving its arithmetic stays exact."""
         weight = self.temporal_weight.double()
-        bound = float(self.scale_half_widths.max())  # predictions are clamped to the widest table's range
-        largest_latent = bound + side_network.largest_mean + bound
-        largest_sum = (largest_latent * 2.0**TEMPORAL_INPUT_BITS + 1) * float(weight.abs().sum(1).max())
-        if largest_sum >= 2.0**52:
+        largest_input = self._largest_latent(side_network) * 2.0**TEMPORAL_INPUT_BITS + 1
+        if largest_input * float(weight.abs().sum(1).max()) >= 2.0**52:
             raise ValueError("temporal prediction weights are too large for exact fixed-point evaluation")
-        return _TemporalPredictor(weight.t().numpy().copy(), bound)
+        # Predictions are clamped to the widest table's range.
+        return _TemporalPredictor(weight.t().numpy().copy(), float(self.scale_half_widths.max()))
+
+    def _largest_latent(self, side_network: _IntegerSideNetwork) -> float:
+        """A bound on a decoded latent's magnitude: a symbol lies within its table's half width of an
+        exact, bounded mean, the temporal prediction within the widest table's range."""
+        half_width = float(self.scale_half_widths.max())
+        return half_width + side_network.largest_mean + (half_width if self.temporal is not None else 0.0)
 
     def _largest_side_input(self) -> float:
         """The largest magnitude of a value the side and context tables cover: h_s's inputs."""
@@ -400,10 +405,7 @@ class HyperpriorModel(CodingModel):
         body can give it: latents lie within their table's half width of an exact, bounded mean, the
         context within its table; raw tokens are checked as they are read."""
         largest_side = self._largest_side_input()
-        half_width = float(self.scale_half_widths.max())
-        # A symbol lies within its table, the temporal prediction within the widest one.
-        largest_latent = half_width + side_network.largest_mean + (half_width if self.temporal is not None else 0.0)
-        return synthesis.output_bound(max(largest_latent, largest_side)) < FINITE_OUTPUT_BOUND
+        return synthesis.output_bound(max(self._largest_latent(side_network), largest_side)) < FINITE_OUTPUT_BOUND
 
     def _symbols(self, hidden: torch.Tensor, carry: LatentCarry | None = None) -> _Symbols:
         # Torch until the entropy coder: the encoder runs right after the model's front blocks, whose

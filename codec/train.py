@@ -329,7 +329,8 @@ def _fit_to_data(
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
             if index < FIT_BATCHES:
                 samples.append(hidden[batch.token_mask])
-            sequences += [rows[mask] for rows, mask in zip(hidden, batch.token_mask, strict=True)]
+            if temporal:
+                sequences += [rows[mask] for rows, mask in zip(hidden, batch.token_mask, strict=True)]
     module.fit(torch.cat(samples), latent_scale, shared_step)
     if temporal:
         module.fit_temporal(sequences)
