@@ -402,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
         "a generation the stream's previous payload, which edge and server carry over)",
     )
     train.add_argument(
+        "--front-adapter-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="decoders: train with the codec a rank-R correction of every linear layer of the front blocks (a "
+        "front adapter, shipped in the codec's checkpoint and run by the edge), so the front learns to emit "
+        "hidden states that cost fewer bits; the cloud's back half stays the model's own (default 0: none)",
+    )
+    train.add_argument(
         "--raw-token-threshold",
         type=float,
         default=0.0,

@@ -114,6 +114,7 @@ def run_through_codec(
     """Each sequence of token ids ``(1, T)`` alone through front -> payload -> back; ``codec=None`` runs
     the unsplit model (pass the cut after the last block)."""
     split_model = SplitModel(model)
+    front = split_model.with_front_adapter(None if codec is None else codec.front_adapter)
     outputs = []
     payload_bytes = tokens = 0
     estimated = encode_s = decode_s = 0.0
@@ -121,7 +122,7 @@ def run_through_codec(
         for ids in sequences:
             mask = torch.ones_like(ids, dtype=torch.bool)
             tokens += ids.shape[1]
-            hidden = split_model.run_front(cut, ids, mask)
+            hidden = front.run_front(cut, ids, mask)
             if codec is None:
                 outputs.append(output(split_model, cut, ids, hidden, mask, positions_from_mask(mask)))
                 continue
@@ -214,7 +215,7 @@ def codec_overhead_ratio(model: LoadedModel, cut: Cut, codec: Codec, tokens: int
 
     Both are timed in this call, interleaved, after a warm-up, so machine noise hits them alike.
     """
-    split_model = SplitModel(model)
+    split_model = SplitModel(model).with_front_adapter(codec.front_adapter)
     ids = torch.full((1, tokens), 1000, dtype=torch.long)
     ids[0, 0], ids[0, -1] = 101, 102
     mask = torch.ones(1, tokens, dtype=torch.bool)

@@ -129,6 +129,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         raise SystemExit("--head-data names the rows of a head for --head-emphasis K; give K (not 1) as well")
     if args.head_emphasis != 1.0 and kind in (CodecKind.UNIFORM, CodecKind.PCA):
         raise SystemExit(f"--head-emphasis shapes a learned codec's training; a {kind.label} codec is fitted instead")
+    if args.front_adapter_rank and kind in (CodecKind.UNIFORM, CodecKind.PCA):
+        raise SystemExit(f"--front-adapter-rank trains with a learned codec; a {kind.label} codec is fitted instead")
     texts, sources, counts = training_texts(args.train_data, args.train_slice)
     if model.family is ModelFamily.ENCODER and "running_texts" in counts:
         raise SystemExit("a WikiText .tokens file trains decoders only: an encoder reads sentences, not running text")
@@ -183,7 +185,10 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
             seed=args.seed,
             module=module_args,
             init_from=None if initial is None else str(initial),
+            front_adapter_rank=args.front_adapter_rank,
         )
+        if args.front_adapter_rank:
+            training["front_adapter_rank"] = args.front_adapter_rank
         head = None
         if args.head_emphasis != 1.0:
             rows, head_source = head_rows(args.head_data)

@@ -67,6 +67,9 @@ class Codec(ABC):
         self.width = width
         self.splits = splits  # empty: valid at every split point
         self.expected_bits_per_token: float | None = None
+        # Low-rank corrections of the front blocks this codec was trained with (see splitwire.split.adapter):
+        # the edge runs its front with them merged in; the cloud needs nothing of them.
+        self.front_adapter: dict[str, torch.Tensor] | None = None
 
     # -- the two operations every codec implements -------------------------------------------
 

@@ -460,16 +460,25 @@ class LearnedCodec(Codec):
         return {**super().config(), **self.module.config}
 
     def parameters_for_fingerprint(self) -> list[tuple[str, torch.Tensor]]:
-        return list(self.module.state_dict().items())
+        adapter = sorted((FRONT_ADAPTER_PREFIX + k, t) for k, t in (self.front_adapter or {}).items())
+        return list(self.module.state_dict().items()) + adapter
 
     def save(self, path: Path) -> None:
-        save_checkpoint(self.module, self.kind, path)
+        save_checkpoint(self.module, self.kind, path, self.front_adapter)
 
 
-def save_checkpoint(module: CodingModel, kind: CodecKind, path: Path) -> None:
-    """Write ``module`` (its config, weights and integer tables) to a safetensors file."""
+FRONT_ADAPTER_PREFIX = "front_adapter."  # checkpoint keys of a front adapter, beside the module's own
+
+
+def save_checkpoint(
+    module: CodingModel, kind: CodecKind, path: Path, front_adapter: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write ``module`` (its config, weights and integer tables) and the front adapter it was trained
+    with, if any, to a safetensors file."""
     module.update_tables()
     tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    for name, t in (front_adapter or {}).items():
+        tensors[FRONT_ADAPTER_PREFIX + name] = t.detach().contiguous()
     metadata = {"kind": kind.label, "config": json.dumps(module.config, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -482,6 +491,17 @@ def read_checkpoint(path: Path) -> tuple[str, dict[str, object], dict[str, torch
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     return metadata["kind"], json.loads(metadata["config"]), load_file(str(path))
+
+
+def split_front_adapter(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """A checkpoint's tensors -> (the module's, the front adapter's or None)."""
+    adapter = {
+        k.removeprefix(FRONT_ADAPTER_PREFIX): t for k, t in tensors.items() if k.startswith(FRONT_ADAPTER_PREFIX)
+    }
+    module = {k: t for k, t in tensors.items() if not k.startswith(FRONT_ADAPTER_PREFIX)}
+    return module, adapter or None
 
 
 def load_learned_codec(entry: CheckpointEntry, width: int) -> Codec:
@@ -502,8 +522,10 @@ def load_learned_codec(entry: CheckpointEntry, width: int) -> Codec:
         raise ValueError(f"{entry.file}: checkpoint holds a {kind_label} codec, the manifest says {entry.kind.label}")
     if int(config["width"]) != width:
         raise ValueError(f"{entry.file}: codec width {config['width']} does not match model width {width}")
+    tensors, front_adapter = split_front_adapter(tensors)
     module = codec_class.module_class(**config)
     module.load_state_dict(tensors)
     codec = codec_class(entry.name, width, module, splits=(entry.split,))
+    codec.front_adapter = front_adapter
     codec.expected_bits_per_token = entry.expected_bits_per_token
     return codec

@@ -11,8 +11,9 @@ Distortion is task-level: for encoders 1 - cosine to the unsplit sentence embedd
 KL divergence from the unsplit next-token distribution at every position (in nats per token; the
 teacher is the back half run on the uncoded hidden state, which is exactly the unsplit model). The
 model stays frozen (one served model fits every codec); gradients flow through the back half's
-activations only. Training is seeded and resumable: state is saved every ``checkpoint_every`` steps
-and picked up again by the same call.
+activations only, and with a front adapter (decoders, see :mod:`splitwire.split.adapter`) through the
+front's too, into the adapter. Training is seeded and resumable: state is saved every
+``checkpoint_every`` steps and picked up again by the same call.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from splitwire.codec.base import CodecKind
 from splitwire.codec.factorized import FactorizedModel
 from splitwire.codec.hyperprior import HyperpriorModel
-from splitwire.codec.learned import CodingModel, read_checkpoint, save_checkpoint
+from splitwire.codec.learned import CodingModel, read_checkpoint, save_checkpoint, split_front_adapter
 from splitwire.split.cut import Cut, SplitModel
 from splitwire.split.models import LoadedModel, ModelFamily
 
@@ -72,6 +73,8 @@ class TrainConfig:
     # A trained codec's checkpoint to start from instead of fitting a fresh module to the data: more
     # training for a shipped codec (same architecture; its tables are rebuilt at the end).
     init_from: str | None = None
+    # Decoders: rank of a front adapter trained with the codec (see splitwire.split.adapter); 0 for none.
+    front_adapter_rank: int = 0
 
 
 @dataclass
@@ -197,12 +200,20 @@ def train_codec(
     split_model = SplitModel(model)
     cut = Cut(model.num_blocks, config.split)
     module = build_module(model, config)
+    # The front the codec reads: the model's own, or copies of its blocks with a trainable adapter.
+    adapter: dict[str, torch.nn.Parameter] = {}
+    front_model = split_model
+    if config.front_adapter_rank:
+        front_model, adapter = split_model.with_trainable_front(config.split, config.front_adapter_rank)
     # Started from a fit to the data (PCA, least squares): trained at their own, usually slower, rate.
     fitted = ("g_", "temporal.")
     transforms = [p for name, p in module.named_parameters() if name.startswith(fitted)]
     others = [p for name, p in module.named_parameters() if not name.startswith(fitted)]
     optimizer = torch.optim.Adam(
-        [{"params": others, "lr_scale": 1.0}, {"params": transforms, "lr_scale": config.transform_lr_scale}],
+        [
+            {"params": others + list(adapter.values()), "lr_scale": 1.0},
+            {"params": transforms, "lr_scale": config.transform_lr_scale},
+        ],
         lr=config.lr,
     )
     state_path = out_dir / "state.pt"
@@ -233,6 +244,7 @@ def train_codec(
         if state["config"] != asdict(config):
             raise ValueError(f"{state_path} was written with another configuration; use a fresh --out folder")
         module.load_state_dict(state["module"])
+        _copy_adapter(adapter, state["front_adapter"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         rng.setstate(state["python_rng"])
@@ -240,7 +252,7 @@ def train_codec(
         batches = make_batches(model, texts, config, rng)
         log.info("resumed %s at step %d", out_dir, step)
     elif config.init_from is not None:
-        _load_initial(module, config.kind, Path(config.init_from))
+        _load_initial(module, config.kind, Path(config.init_from), adapter)
     else:
         _fit_to_data(module, split_model, cut, batches, config.latent_scale, config.shared_step)
 
@@ -255,7 +267,9 @@ def train_codec(
             group["lr"] = lr_at(step) * group["lr_scale"]
         with torch.no_grad():
             hidden = split_model.run_front(cut, batch.input_ids, batch.token_mask)
-        hidden_hat, bits = module(hidden, batch.token_mask)
+        # What the codec codes: with an adapter, the adapted front's output (the teacher stays the model's).
+        coded = front_model.run_front(cut, batch.input_ids, batch.token_mask) if adapter else hidden
+        hidden_hat, bits = module(coded, batch.token_mask)
         weights = None
         if module.gate is not None:  # dropped tokens cost no bits; the back half sees them fade out
             weights = module.gate.sample(module.standardize(hidden))
@@ -277,7 +291,7 @@ def train_codec(
         loss = bits_per_token + config.lmbda * distortion
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_([*module.parameters(), *adapter.values()], 5.0)
         optimizer.step()
         step += 1
         if progress is not None:
@@ -289,6 +303,7 @@ def train_codec(
             state = {
                 "config": asdict(config),
                 "module": module.state_dict(),
+                "front_adapter": _adapter_tensors(adapter),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "python_rng": rng.getstate(),
@@ -297,19 +312,37 @@ def train_codec(
             torch.save(state, state_path.with_suffix(".tmp"))
             state_path.with_suffix(".tmp").replace(state_path)
     module.eval()
-    save_checkpoint(module, config.kind, out_dir / "codec.safetensors")
+    save_checkpoint(module, config.kind, out_dir / "codec.safetensors", _adapter_tensors(adapter) or None)
     return module
 
 
-def _load_initial(module: CodingModel, kind: CodecKind, path: Path) -> None:
-    """Start from the weights in ``path``; refuse a checkpoint of another kind or configuration."""
+def _adapter_tensors(adapter: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {key: parameter.detach().clone() for key, parameter in adapter.items()}
+
+
+def _copy_adapter(adapter: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    if set(tensors) != set(adapter):
+        raise ValueError("the saved front adapter does not match this run's (its rank or blocks differ)")
+    with torch.no_grad():
+        for key, parameter in adapter.items():
+            parameter.copy_(tensors[key])
+
+
+def _load_initial(module: CodingModel, kind: CodecKind, path: Path, adapter: dict[str, torch.nn.Parameter]) -> None:
+    """Start from the weights in ``path`` (and its front adapter, when this run trains one: a checkpoint
+    without one starts it at the identity); refuse a checkpoint of another kind or configuration."""
     label, config, tensors = read_checkpoint(path)
     if label != kind.label or config != module.config:
         raise ValueError(
             f"{path} holds a {label} codec configured {config}; this run builds a {kind.label} codec configured "
             f"{module.config}: give the options it was trained with"
         )
+    tensors, initial_adapter = split_front_adapter(tensors)
+    if initial_adapter is not None and not adapter:
+        raise ValueError(f"{path} holds a front adapter; give --front-adapter-rank to train it further")
     module.load_state_dict(tensors)
+    if initial_adapter is not None:
+        _copy_adapter(adapter, initial_adapter)
     log.info("starting from %s", path)
 
 

@@ -208,12 +208,13 @@ class _StepWatchdog:
 def codec_input(
     split_model: SplitModel, cut: Cut, codec: Codec, input_ids: torch.Tensor, token_mask: torch.Tensor
 ) -> torch.Tensor:
-    """What ``codec`` encodes for a batch: the hidden states at the split ``(B, T, D)``, or for the
-    token-ids codec the ids themselves ``(B, T, 1)``, the front half not run at all."""
+    """What ``codec`` encodes for a batch: the hidden states at the split ``(B, T, D)`` (from the front
+    with the codec's front adapter, if it has one), or for the token-ids codec the ids themselves
+    ``(B, T, 1)``, the front half not run at all."""
     if codec.codes_token_ids:
         return input_ids[..., None].float()
     with torch.inference_mode():
-        return split_model.run_front(cut, input_ids, token_mask)
+        return split_model.with_front_adapter(codec.front_adapter).run_front(cut, input_ids, token_mask)
 
 
 class EdgeAgent:
@@ -310,6 +311,7 @@ class EdgeAgent:
         if codec_name not in remote_codecs:
             raise EdgeError(f"server does not offer codec {codec_name}; it offers {', '.join(remote_codecs)}")
         self.codec.warm_up()
+        self._split_model.with_front_adapter(self.codec.front_adapter)  # merged now, not in the first request
         codec_fingerprint = self.codec.fingerprint()  # hashes a learned codec's parameters: once, not per call
         if remote_codecs[codec_name].fingerprint != codec_fingerprint:
             raise EdgeError(
@@ -451,7 +453,8 @@ class EdgeAgent:
         with self._device_lock:
             ids = self.prompt_ids(prompt, chat)
         tokenized = time.perf_counter()
-        cache = self._split_model.new_cache(self.cut.front)
+        front = self._split_model.with_front_adapter(self.codec.front_adapter)
+        cache = front.new_cache(self.cut.front)
         carry = self.codec.new_carry()  # the server's session keeps its own, payload by payload
         tokenizer = self.model.tokenizer
         front_s = encode_s = 0.0
@@ -471,7 +474,7 @@ class EdgeAgent:
                     hidden = step_ids[0, :, None].float()
                 else:
                     with torch.inference_mode():
-                        hidden = self._split_model.front_step(cache, step_ids)[0]
+                        hidden = front.front_step(cache, step_ids)[0]
                 t1 = time.perf_counter()
                 # Every token: the server's cache needs each position.
                 payload = self.codec.encode_payload(hidden, carry=carry)

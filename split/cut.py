@@ -21,12 +21,14 @@ own blocks and counting the positions it has seen::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from splitwire.split.adapter import merged_front, trainable_front
 from splitwire.split.models import LoadedModel, ModelFamily
+from torch import nn
 from transformers import DynamicCache
 
 
@@ -133,19 +135,42 @@ class DecoderCache:
 class SplitModel:
     """Runs any block range of a loaded model, and its embeddings and head."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, layers: nn.ModuleList | None = None) -> None:
+        """``layers``: blocks to run instead of the model's own (see :meth:`with_front_adapter`)."""
         self.model = model
         self.causal = model.family is ModelFamily.DECODER
+        self._adapted: dict[int, tuple[Mapping[str, torch.Tensor], SplitModel]] = {}
         hf = model.hf_model
         if self.causal:
             self._embed_tokens = hf.model.embed_tokens
-            self._layers = hf.model.layers
+            self._layers = hf.model.layers if layers is None else layers
             self._rotary = hf.model.rotary_emb
             self._final_norm = hf.model.norm
             self._lm_head = hf.lm_head
         else:
             self._embeddings = hf.embeddings
-            self._layers = hf.encoder.layer
+            self._layers = hf.encoder.layer if layers is None else layers
+
+    def with_front_adapter(self, adapter: Mapping[str, torch.Tensor] | None) -> SplitModel:
+        """This model with a codec's front adapter merged into its front blocks (see
+        :mod:`splitwire.split.adapter`); itself when ``adapter`` is None. Built once per adapter."""
+        if adapter is None:
+            return self
+        self._refuse_encoder()
+        if id(adapter) not in self._adapted:
+            self._adapted[id(adapter)] = (adapter, SplitModel(self.model, merged_front(self._layers, adapter)))
+        return self._adapted[id(adapter)][1]
+
+    def with_trainable_front(self, blocks: int, rank: int) -> tuple[SplitModel, dict[str, nn.Parameter]]:
+        """This model with a fresh rank-``rank`` adapter on its first ``blocks`` (the identity until
+        trained), and the adapter's parameters by key: what codec training learns the front adapter with."""
+        self._refuse_encoder()
+        layers, parameters = trainable_front(self._layers, blocks, rank)
+        return SplitModel(self.model, layers), parameters
+
+    def _refuse_encoder(self) -> None:
+        if not self.causal:  # the adapted linears are a Llama block's
+            raise ValueError(f"front adapters correct decoder blocks; {self.model.name} is an encoder")
 
     def embed(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Token ids ``(B, T)`` -> input of block 0 ``(B, T, D)``."""

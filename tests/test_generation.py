@@ -23,7 +23,7 @@ from conftest import ServerThread
 from splitwire.benchmarks.shipping import install_checkpoint
 from splitwire.cloud.config import ComputeMode, ServerConfig
 from splitwire.codec import catalog as catalog_module
-from splitwire.codec.base import CodecKind
+from splitwire.codec.base import Codec, CodecKind
 from splitwire.codec.catalog import CodecCatalog
 from splitwire.codec.hyperprior import HyperpriorModel
 from splitwire.codec.learned import save_checkpoint
@@ -154,6 +154,64 @@ def test_greedy_generation_through_the_server_equals_unsplit(
     assert all(lp <= 0.0 for lp in result.logprobs)
 
 
+def _ship_for_tiny_llama(
+    module: HyperpriorModel,
+    name: str,
+    split: int,
+    tiny_llama: LoadedModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    front_adapter: dict[str, torch.Tensor] | None = None,
+) -> Codec:
+    """Ship ``module`` (and its front adapter) as codec ``name`` of the tiny Llama, for the server and the
+    edge of this test alone (the catalog reads a manifest in ``tmp_path``)."""
+    save_checkpoint(module, CodecKind.HYPERPRIOR, tmp_path / "source.safetensors", front_adapter)
+    entry = {"name": name, "kind": "hyperprior", "model": "tiny-llama", "split": split}
+    install_checkpoint(
+        tmp_path / "source.safetensors", {**entry, "model_fingerprint": tiny_llama.fingerprint}, tmp_path
+    )
+    shipped = catalog_module.read_manifest
+    monkeypatch.setattr(catalog_module, "read_manifest", lambda folder=None: shipped(tmp_path))
+    return CodecCatalog.for_model(tiny_llama.fingerprint, tiny_llama.hidden_size).get(name)
+
+
+def _local_logprobs(
+    tiny_llama: LoadedModel,
+    codec: Codec,
+    split: int,
+    token_ids: list[int],
+    front: SplitModel,
+    cloud_carries: bool = True,
+) -> list[float]:
+    """The log-probabilities of ``token_ids`` generated through ``codec`` in this process, the edge's half
+    run by ``front``, each side carrying the codec's state from step to step (the cloud when told to)."""
+    split_model = SplitModel(tiny_llama)
+    cut = Cut(tiny_llama.num_blocks, split)
+    front_cache, back_cache = front.new_cache(cut.front), split_model.new_cache(cut.back)
+    sender, receiver = codec.new_carry(), codec.new_carry()
+    logprobs, step_ids = [], prompt_ids(tiny_llama)
+    with torch.inference_mode():
+        for token in token_ids:
+            payload = codec.encode_payload(front.front_step(front_cache, torch.tensor([step_ids]))[0], carry=sender)
+            decoded = codec.decode_body(*codec.parse_payload(payload), carry=receiver if cloud_carries else None)
+            logits = split_model.back_step(back_cache, decoded.unsqueeze(0))
+            logprobs.append(float(torch.log_softmax(logits[0].float(), dim=-1)[token]))
+            step_ids = [token]
+    return logprobs
+
+
+def _fitted_hyperprior(tiny_llama: LoadedModel, split: int, temporal: bool) -> HyperpriorModel:
+    split_model = SplitModel(tiny_llama)
+    ids, mask = tiny_llama.tokenize([PROMPT, "A quiet street at night, lit by one lamp and the moon."])
+    with torch.inference_mode():
+        hidden = split_model.run_front(Cut(tiny_llama.num_blocks, split), ids, mask)
+    module = HyperpriorModel(tiny_llama.hidden_size, latent_channels=16, side_channels=2, hidden=16, temporal=temporal)
+    module.fit(hidden[mask])
+    if temporal:
+        module.fit_temporal([rows[keep] for rows, keep in zip(hidden, mask, strict=True)])
+    return module
+
+
 def test_a_temporal_codec_carries_its_prediction_from_step_to_step_on_both_sides(
     tiny_llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,44 +219,53 @@ def test_a_temporal_codec_carries_its_prediction_from_step_to_step_on_both_sides
     payloads on the edge and in the server's session: the server's log-probabilities are those of a
     local run that carries it on both sides, not of one whose decoder starts each step afresh."""
     split = 2
-    split_model = SplitModel(tiny_llama)
-    ids, mask = tiny_llama.tokenize([PROMPT, "A quiet street at night, lit by one lamp and the moon."])
-    with torch.inference_mode():
-        hidden = split_model.run_front(Cut(tiny_llama.num_blocks, split), ids, mask)
-    module = HyperpriorModel(tiny_llama.hidden_size, latent_channels=16, side_channels=2, hidden=16, temporal=True)
-    module.fit(hidden[mask])
-    module.fit_temporal([rows[keep] for rows, keep in zip(hidden, mask, strict=True)])
-    save_checkpoint(module, CodecKind.HYPERPRIOR, tmp_path / "source.safetensors")
-    entry = {"name": "temporal", "kind": "hyperprior", "model": "tiny-llama", "split": split}
-    install_checkpoint(
-        tmp_path / "source.safetensors", {**entry, "model_fingerprint": tiny_llama.fingerprint}, tmp_path
-    )
-    shipped = catalog_module.read_manifest
-    monkeypatch.setattr(catalog_module, "read_manifest", lambda folder=None: shipped(tmp_path))
-    codec = CodecCatalog.for_model(tiny_llama.fingerprint, tiny_llama.hidden_size).get("temporal")
+    module = _fitted_hyperprior(tiny_llama, split, temporal=True)
+    codec = _ship_for_tiny_llama(module, "temporal", split, tiny_llama, tmp_path, monkeypatch)
     assert codec.new_carry() is not None
 
     params = SamplingParams(max_new_tokens=8)
     with tiny_llama_server() as running, agent_for(running, tiny_llama, split=split, codec="temporal") as agent:
         result = agent.generate(PROMPT, params)
 
-    def local_logprobs(cloud_carries: bool) -> list[float]:
-        cut = Cut(tiny_llama.num_blocks, split)
-        front, back = split_model.new_cache(cut.front), split_model.new_cache(cut.back)
-        sender, receiver = codec.new_carry(), codec.new_carry()
-        logprobs, step_ids = [], prompt_ids(tiny_llama)
-        with torch.inference_mode():
-            for token in result.token_ids:
-                payload = codec.encode_payload(split_model.front_step(front, torch.tensor([step_ids]))[0], carry=sender)
-                decoded = codec.decode_body(*codec.parse_payload(payload), carry=receiver if cloud_carries else None)
-                logits = split_model.back_step(back, decoded.unsqueeze(0))
-                logprobs.append(float(torch.log_softmax(logits[0].float(), dim=-1)[token]))
-                step_ids = [token]
-        return logprobs
-
+    front = SplitModel(tiny_llama)
     assert len(result.token_ids) == 8
-    assert result.logprobs == pytest.approx(local_logprobs(cloud_carries=True), abs=1e-4)
-    assert result.logprobs != pytest.approx(local_logprobs(cloud_carries=False), abs=1e-3)
+    assert result.logprobs == pytest.approx(
+        _local_logprobs(tiny_llama, codec, split, result.token_ids, front), abs=1e-4
+    )
+    without_carry = _local_logprobs(tiny_llama, codec, split, result.token_ids, front, cloud_carries=False)
+    assert result.logprobs != pytest.approx(without_carry, abs=1e-3)
+
+
+def test_the_edge_runs_its_front_with_the_codecs_front_adapter(
+    tiny_llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A codec trained with a front adapter is fed by the adapted front, in generation and in one-shot
+    inference alike; the server, which runs the model's own back half, needs nothing of it."""
+    split = 2
+    module = _fitted_hyperprior(tiny_llama, split, temporal=False)
+    generator = torch.Generator().manual_seed(0)
+    _, parameters = SplitModel(tiny_llama).with_trainable_front(split, rank=2)
+    adapter = {key: 0.2 * torch.randn(p.shape, generator=generator) for key, p in parameters.items()}
+    codec = _ship_for_tiny_llama(module, "adapted", split, tiny_llama, tmp_path, monkeypatch, adapter)
+    assert codec.front_adapter is not None and codec.front_adapter.keys() == adapter.keys()
+
+    params = SamplingParams(max_new_tokens=6)
+    with tiny_llama_server() as running, agent_for(running, tiny_llama, split=split, codec="adapted") as agent:
+        result = agent.generate(PROMPT, params)
+        inferred = agent.infer(PROMPT)
+
+    plain = SplitModel(tiny_llama)
+    adapted = plain.with_front_adapter(codec.front_adapter)
+    assert result.logprobs == pytest.approx(
+        _local_logprobs(tiny_llama, codec, split, result.token_ids, adapted), abs=1e-4
+    )
+    assert result.logprobs != pytest.approx(
+        _local_logprobs(tiny_llama, codec, split, result.token_ids, plain), abs=1e-3
+    )
+    ids, mask = tiny_llama.tokenize([PROMPT])
+    with torch.inference_mode():
+        expected = codec.encode_payload(adapted.run_front(Cut(tiny_llama.num_blocks, split), ids, mask)[0])
+    assert inferred.payload_bytes == len(expected)
 
 
 def test_token_ids_generate_like_unsplit_with_the_whole_model_in_the_cloud(

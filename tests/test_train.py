@@ -14,6 +14,7 @@ from splitwire.benchmarks.datasets import row_slice
 from splitwire.benchmarks.train_command import initial_checkpoint, training_texts
 from splitwire.codec.base import CodecKind
 from splitwire.codec.hyperprior import HyperpriorModel
+from splitwire.codec.learned import FRONT_ADAPTER_PREFIX, read_checkpoint, split_front_adapter
 from splitwire.codec.train import (
     TrainConfig,
     covariance_distortion,
@@ -22,6 +23,7 @@ from splitwire.codec.train import (
     encoder_distortion,
     train_codec,
 )
+from splitwire.split.adapter import adapter_blocks
 from splitwire.split.models import LoadedModel
 
 TEXTS = [f"sentence {i} about {w} things" for i, w in enumerate(["red", "big", "old", "new", "odd", "fun"] * 8)]
@@ -306,3 +308,32 @@ def test_decoder_training_starts_a_temporal_prediction_from_least_squares(
     hidden = torch.randn(9, tiny_llama.hidden_size)
     with torch.inference_mode():
         assert module.decompress(module.compress(hidden), 9).shape == (9, tiny_llama.hidden_size)
+
+
+def test_a_front_adapter_trains_with_the_codec_and_ships_in_its_checkpoint(
+    tiny_llama: LoadedModel, tiny_bert: LoadedModel, tmp_path: Path
+) -> None:
+    adapted = replace(DECODER_CONFIG, steps=20, front_adapter_rank=2, checkpoint_every=7)
+    train_codec(tiny_llama, TEXTS, adapted, tmp_path / "run")
+    _, _, tensors = read_checkpoint(tmp_path / "run" / "codec.safetensors")
+    module_tensors, adapter = split_front_adapter(tensors)
+    assert set(module_tensors) == set(
+        HyperpriorModel(width=tiny_llama.hidden_size, **DECODER_CONFIG.module).state_dict()
+    )
+    # Blocks [0, split) only; B moved away from its zero start, so the front changed.
+    assert adapter is not None and adapter_blocks(adapter) == DECODER_CONFIG.split
+    assert any(key.endswith(".b") and tensor.abs().max() > 0 for key, tensor in adapter.items())
+    # Resuming from the saved state (here: already at the last step) restores the adapter too.
+    train_codec(tiny_llama, TEXTS, adapted, tmp_path / "run")
+    _, _, resumed = read_checkpoint(tmp_path / "run" / "codec.safetensors")
+    assert all(torch.equal(resumed[FRONT_ADAPTER_PREFIX + key], tensor) for key, tensor in adapter.items())
+    # Continuing from it starts from its adapter (zero steps: the adapter comes back as it was).
+    again = replace(adapted, steps=0, init_from=str(tmp_path / "run" / "codec.safetensors"))
+    train_codec(tiny_llama, TEXTS, again, tmp_path / "again")
+    _, _, more = read_checkpoint(tmp_path / "again" / "codec.safetensors")
+    assert all(torch.equal(more[FRONT_ADAPTER_PREFIX + key], tensor) for key, tensor in adapter.items())
+    # A run without an adapter refuses to drop one; an encoder cannot have one.
+    with pytest.raises(ValueError, match="holds a front adapter"):
+        train_codec(tiny_llama, TEXTS, replace(again, front_adapter_rank=0), tmp_path / "dropped")
+    with pytest.raises(ValueError, match="correct decoder blocks"):
+        train_codec(tiny_bert, TEXTS, replace(config(1), front_adapter_rank=2), tmp_path / "encoder")
