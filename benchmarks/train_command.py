@@ -129,6 +129,8 @@ def run(args: argparse.Namespace, run_info: dict[str, object]) -> None:
         raise SystemExit("--head-data names the rows of a head for --head-emphasis K; give K (not 1) as well")
     if args.head_emphasis != 1.0 and kind in (CodecKind.UNIFORM, CodecKind.PCA):
         raise SystemExit(f"--head-emphasis shapes a learned codec's training; a {kind.label} codec is fitted instead")
+    if args.front_adapter_rank < 0:
+        raise SystemExit("--front-adapter-rank must be 0 (no adapter) or more")
     if args.front_adapter_rank and kind in (CodecKind.UNIFORM, CodecKind.PCA):
         raise SystemExit(f"--front-adapter-rank trains with a learned codec; a {kind.label} codec is fitted instead")
     texts, sources, counts = training_texts(args.train_data, args.train_slice)

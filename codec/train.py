@@ -272,7 +272,7 @@ def train_codec(
         hidden_hat, bits = module(coded, batch.token_mask)
         weights = None
         if module.gate is not None:  # dropped tokens cost no bits; the back half sees them fade out
-            weights = module.gate.sample(module.standardize(hidden))
+            weights = module.gate.sample(module.standardize(coded))
             bits = bits * weights
         if decoder:
             with torch.no_grad():
